@@ -1,0 +1,9 @@
+"""sampo-megatron: SamPO (length-debiased DPO) preference training on megatron-core.
+
+Importing the package pulls in torch only; the loss and the log-prob op need nothing else:
+
+    from sampo_megatron.ops import vocab_parallel_logprobs
+    from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
+"""
+
+__version__ = "0.1.0"

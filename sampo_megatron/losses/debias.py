@@ -1,0 +1,105 @@
+"""Length-debiasing transforms: per-token weights that turn per-token log-probs into sequence values.
+
+Every transform is a weighted sum ``sum_t w_t * logp_t`` over response tokens, with an *effective
+token count* used by losses that average (SimPO). For a pair with lengths ``T_w``, ``T_l`` and
+``T_m = min(T_w, T_l)`` (Lu et al. 2024):
+
+- ``none``       (DPO):      ``w_t = 1``;                                   count ``T``
+- ``sampo``      (Eq. 10):   ``w_t = 1`` on ``T_m`` uniformly drawn positions; count ``T_m``
+- ``sampo_topk`` (App. G):   ``w_t = 1`` on the ``T_m`` positions of largest ``r_t``; count ``T_m``
+- ``sanorm``     (Eq. 9):    ``w_t = (T_w + T_l) / (2 T)``;                 count ``(T_w + T_l) / 2``
+
+Policy and reference log-probs get their own weights so that ``--sampo-mask independent`` can draw
+them separately; with shared weights ``sum w (logp - ref) = sum w logp - sum w ref``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..sampling import CHOSEN, POLICY_STREAM, REFERENCE_STREAM, REJECTED
+from ..sampling import response_seeds, role_code, sampled_kept_mask, topk_kept_mask
+from .registry import Registry
+
+
+@dataclass
+class DebiasInputs:
+    """Everything a transform may look at, for ``R = 2B`` responses (chosen rows, then rejected rows)."""
+
+    response_mask: torch.Tensor
+    """``[R, S]`` bool, response tokens on this rank's slice of the sequence."""
+    response_index: torch.Tensor
+    """``[R, S]`` int64 position inside the response (global over CP), ``-1`` elsewhere."""
+    lengths: torch.Tensor
+    """``[R]`` response lengths ``T`` over the whole sequence."""
+    partner_lengths: torch.Tensor
+    """``[R]`` the other response's length in the same pair."""
+    sample_ids: torch.Tensor
+    """``[R]`` sample id of each response's pair."""
+    roles: torch.Tensor
+    """``[R]`` CHOSEN or REJECTED."""
+    logratios: torch.Tensor | None
+    """``[R, S]`` detached per-token ``log pi - log pi_ref`` (TopK ranks these)."""
+    seed: int
+    epoch: int
+    sampo_mask: str
+    cp_group: object = None
+
+    @property
+    def keep_counts(self) -> torch.Tensor:
+        return torch.minimum(self.lengths, self.partner_lengths)
+
+
+@dataclass
+class DebiasWeights:
+    policy: torch.Tensor
+    """``[R, S]`` weights of the policy's per-token log-probs."""
+    reference: torch.Tensor
+    """``[R, S]`` weights of the reference's per-token log-probs."""
+    count: torch.Tensor
+    """``[R]`` effective token count (float)."""
+
+
+DEBIAS: Registry[Callable[[DebiasInputs], DebiasWeights]] = Registry("length debias")
+
+
+def _sampled_weights(inputs: DebiasInputs, stream: int) -> torch.Tensor:
+    seeds = response_seeds(inputs.seed, inputs.epoch, inputs.sample_ids, role_code(inputs.roles, stream))
+    kept = sampled_kept_mask(inputs.response_index, inputs.lengths, inputs.keep_counts, seeds)
+    return kept.float()
+
+
+@DEBIAS.register("none")
+def no_debias(inputs: DebiasInputs) -> DebiasWeights:
+    weights = inputs.response_mask.float()
+    return DebiasWeights(weights, weights, inputs.lengths.float())
+
+
+@DEBIAS.register("sampo")
+def sampo(inputs: DebiasInputs) -> DebiasWeights:
+    policy = _sampled_weights(inputs, POLICY_STREAM)
+    reference = policy if inputs.sampo_mask == "shared" else _sampled_weights(inputs, REFERENCE_STREAM)
+    return DebiasWeights(policy, reference, inputs.keep_counts.float())
+
+
+@DEBIAS.register("sampo_topk")
+def sampo_topk(inputs: DebiasInputs) -> DebiasWeights:
+    if inputs.logratios is None:
+        raise ValueError("sampo_topk ranks per-token log-ratios; pass the per-token log-probs")
+    kept = topk_kept_mask(inputs.logratios, inputs.response_index, inputs.keep_counts, inputs.cp_group).float()
+    return DebiasWeights(kept, kept, inputs.keep_counts.float())
+
+
+@DEBIAS.register("sanorm")
+def sanorm(inputs: DebiasInputs) -> DebiasWeights:
+    # float64 weights: sequence_sum casts them to the log-probs' dtype, so float64 inputs stay exact.
+    mean_length = (inputs.lengths + inputs.partner_lengths).double() / 2
+    scale = mean_length / inputs.lengths.clamp(min=1).double()
+    weights = inputs.response_mask.double() * scale[:, None]
+    return DebiasWeights(weights, weights, mean_length)
+
+
+__all__ = ["CHOSEN", "DEBIAS", "DebiasInputs", "DebiasWeights", "REJECTED"]

@@ -1,0 +1,246 @@
+"""Per-token log-probabilities and KL divergences over vocabulary shards, without a vocabulary gather.
+
+Each tensor-parallel rank holds logits ``z[..., V/TP]`` for its slice ``[v0, v0 + V/TP)`` of the
+vocabulary. For target ``y`` the log-probability is
+
+    log p(y) = z_y - logsumexp_v z_v,   logsumexp_v z_v = M + log sum_r sum_{v in shard r} exp(z_v - M)
+
+with ``M`` the global max. Each chunk of positions is reduced locally against its *local* max
+``m_r`` (``s_r = sum exp(z - m_r)``), then ``M = allreduce_max(m_r)`` and
+``S = allreduce_sum(s_r * exp(m_r - M))``: one pass over the logits and two small all-reduces for the
+whole tensor. The target logit comes from the rank that owns it (zero elsewhere, summed).
+
+Backward: ``d log p(y) / dz_v = 1[v = y] - softmax(z)_v``, recomputed chunk by chunk from the saved
+logits and the per-position logsumexp, so no fp32 copy of the vocabulary is ever kept. With
+``inplace_backward=True`` the gradient is written into the logits' own storage (the logits must not
+be needed by anything else afterwards, as with the output layer's activations).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024  # fp32 working set per chunk
+
+
+def _group_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> None:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+def _vocab_start(vocab_local: int, group) -> int:
+    if _group_size(group) == 1:
+        return 0
+    return dist.get_rank(group) * vocab_local
+
+
+def _chunk_rows(num_rows: int, vocab_local: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = max(1, _DEFAULT_CHUNK_BYTES // (4 * vocab_local))
+    return max(1, min(num_rows, chunk_size))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp32/bf16/fp16 logits; float64 stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _local_target(target: torch.Tensor, vocab_start: int, vocab_local: int):
+    """Index of each target inside this shard (clamped) and whether this shard owns it."""
+    local = target - vocab_start
+    owned = (local >= 0) & (local < vocab_local)
+    return local.clamp(0, vocab_local - 1), owned
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, chunk_size, inplace_backward):
+        vocab_local = logits.shape[-1]
+        lead_shape = logits.shape[:-1]
+        flat = logits.reshape(-1, vocab_local)
+        flat_target = target.reshape(-1)
+        valid = flat_target >= 0
+        vocab_start = _vocab_start(vocab_local, tp_group)
+        local_target, owned = _local_target(flat_target, vocab_start, vocab_local)
+        owned &= valid
+
+        rows = flat.shape[0]
+        acc = _compute_dtype(logits.dtype)
+        local_max = torch.empty(rows, dtype=acc, device=flat.device)
+        sum_exp_and_target = torch.empty(2, rows, dtype=acc, device=flat.device)
+        step = _chunk_rows(rows, vocab_local, chunk_size)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            chunk = flat[start:end].to(acc)
+            chunk_max = chunk.max(dim=-1).values
+            local_max[start:end] = chunk_max
+            sum_exp_and_target[0, start:end] = (chunk - chunk_max[:, None]).exp_().sum(dim=-1)
+            picked = chunk.gather(1, local_target[start:end, None]).squeeze(1)
+            sum_exp_and_target[1, start:end] = torch.where(owned[start:end], picked, 0.0)
+            del chunk
+
+        global_max = local_max.clone()
+        _all_reduce(global_max, dist.ReduceOp.MAX, tp_group)
+        sum_exp_and_target[0] *= (local_max - global_max).exp_()
+        _all_reduce(sum_exp_and_target, dist.ReduceOp.SUM, tp_group)
+        logsumexp = global_max + sum_exp_and_target[0].log()
+        logprobs = torch.where(valid, sum_exp_and_target[1] - logsumexp, 0.0)
+
+        ctx.save_for_backward(logits, local_target, owned, valid, logsumexp)
+        ctx.step = step
+        ctx.inplace_backward = inplace_backward
+        return logprobs.reshape(lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, local_target, owned, valid, logsumexp = ctx.saved_tensors
+        vocab_local = logits.shape[-1]
+        flat = logits.reshape(-1, vocab_local)
+        acc = _compute_dtype(logits.dtype)
+        grad_rows = grad_output.reshape(-1).to(acc) * valid
+        if ctx.inplace_backward:
+            grad_flat = flat
+        else:
+            grad_flat = torch.empty_like(flat)
+        step = ctx.step
+        for start in range(0, flat.shape[0], step):
+            end = min(start + step, flat.shape[0])
+            g = grad_rows[start:end]
+            rows_fp32 = flat[start:end]
+            if not (ctx.inplace_backward and rows_fp32.dtype == acc):
+                rows_fp32 = rows_fp32.to(acc, copy=True)
+            # -(softmax * g) in fp32, then +g at the owned target.
+            chunk = rows_fp32.sub_(logsumexp[start:end, None]).exp_().mul_(-g[:, None])
+            chunk.scatter_add_(1, local_target[start:end, None], (g * owned[start:end])[:, None])
+            if chunk.data_ptr() != grad_flat[start:end].data_ptr():
+                grad_flat[start:end] = chunk
+            del chunk, rows_fp32
+        return grad_flat.view(logits.shape), None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    *,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Per-token ``log softmax(logits)[target]`` with the vocabulary sharded over ``tp_group``.
+
+    Args:
+        logits: ``[..., V/TP]`` this rank's vocabulary shard (any float dtype; reductions in fp32).
+            Rank ``r`` of ``tp_group`` owns vocabulary ids ``[r * V/TP, (r + 1) * V/TP)``.
+        target: ``[...]`` global token ids, same leading shape. Negative ids (e.g. -100) mark
+            ignored positions: their log-prob is 0 and they get no gradient.
+        tp_group: tensor-parallel process group; ``None`` or a group of size 1 means the whole
+            vocabulary is local.
+        chunk_size: positions processed at once; by default enough for ~32 MiB of fp32 logits.
+        inplace_backward: write the gradient into ``logits``' storage in backward. Only safe when
+            nothing else reads those logits after this op's backward.
+
+    Returns:
+        ``[...]`` fp32 (float64 for float64 logits) log-probabilities, identical on every rank of ``tp_group``.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} leading shapes differ")
+    return _VocabParallelLogProbs.apply(logits.contiguous(), target, tp_group, chunk_size, inplace_backward)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ref_logits, policy_logits, tp_group, chunk_size):
+        vocab_local = policy_logits.shape[-1]
+        lead_shape = policy_logits.shape[:-1]
+        ref_flat = ref_logits.reshape(-1, vocab_local)
+        pol_flat = policy_logits.reshape(-1, vocab_local)
+        rows = pol_flat.shape[0]
+        # per row: local max of ref and policy; sum exp(ref - m_ref), sum exp(ref - m_ref) * (ref - pol),
+        # sum exp(pol - m_pol)
+        acc = _compute_dtype(policy_logits.dtype)
+        maxes = torch.empty(2, rows, dtype=acc, device=pol_flat.device)
+        sums = torch.empty(3, rows, dtype=acc, device=pol_flat.device)
+        step = _chunk_rows(rows, vocab_local, chunk_size)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            ref = ref_flat[start:end].to(acc)
+            pol = pol_flat[start:end].to(acc)
+            ref_max = ref.max(dim=-1).values
+            pol_max = pol.max(dim=-1).values
+            maxes[0, start:end] = ref_max
+            maxes[1, start:end] = pol_max
+            ref_weights = (ref - ref_max[:, None]).exp()
+            sums[0, start:end] = ref_weights.sum(dim=-1)
+            sums[1, start:end] = (ref_weights * (ref - pol)).sum(dim=-1)
+            sums[2, start:end] = (pol - pol_max[:, None]).exp_().sum(dim=-1)
+            del ref, pol, ref_weights
+
+        global_maxes = maxes.clone()
+        _all_reduce(global_maxes, dist.ReduceOp.MAX, tp_group)
+        rescale = (maxes - global_maxes).exp_()
+        sums[0] *= rescale[0]
+        sums[1] *= rescale[0]
+        sums[2] *= rescale[1]
+        _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+        ref_lse = global_maxes[0] + sums[0].log()
+        pol_lse = global_maxes[1] + sums[2].log()
+        # KL(ref || pol) = E_ref[ref - pol] - lse_ref + lse_pol
+        kl = sums[1] / sums[0] - ref_lse + pol_lse
+
+        ctx.save_for_backward(ref_logits, policy_logits, ref_lse, pol_lse)
+        ctx.step = step
+        return kl.reshape(lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ref_logits, policy_logits, ref_lse, pol_lse = ctx.saved_tensors
+        vocab_local = policy_logits.shape[-1]
+        ref_flat = ref_logits.reshape(-1, vocab_local)
+        pol_flat = policy_logits.reshape(-1, vocab_local)
+        acc = _compute_dtype(policy_logits.dtype)
+        grad_rows = grad_output.reshape(-1).to(acc)
+        grad_flat = torch.empty_like(pol_flat)
+        step = ctx.step
+        for start in range(0, pol_flat.shape[0], step):
+            end = min(start + step, pol_flat.shape[0])
+            # dKL/dz_pol = softmax(pol) - softmax(ref)
+            pol_probs = pol_flat[start:end].to(acc, copy=True).sub_(pol_lse[start:end, None]).exp_()
+            ref_probs = ref_flat[start:end].to(acc, copy=True).sub_(ref_lse[start:end, None]).exp_()
+            grad_flat[start:end] = pol_probs.sub_(ref_probs).mul_(grad_rows[start:end, None])
+            del pol_probs, ref_probs
+        return None, grad_flat.view(policy_logits.shape), None, None
+
+
+def vocab_parallel_kl(
+    ref_logits: torch.Tensor,
+    policy_logits: torch.Tensor,
+    tp_group=None,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token ``KL(pi_ref || pi_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` over shards.
+
+    This is TDPO's per-position divergence (Zeng et al., 2024, Eq. 4). The reference is frozen:
+    gradient flows to ``policy_logits`` only, ``dKL/dz_theta = softmax(z_theta) - softmax(z_ref)``.
+
+    Args:
+        ref_logits: ``[..., V/TP]`` reference logits shard.
+        policy_logits: ``[..., V/TP]`` policy logits shard, same shape.
+        tp_group: tensor-parallel process group (``None``: whole vocabulary local).
+        chunk_size: positions processed at once.
+
+    Returns:
+        ``[...]`` fp32 per-position KL, identical on every rank of ``tp_group``.
+    """
+    if ref_logits.shape != policy_logits.shape:
+        raise ValueError(f"ref {tuple(ref_logits.shape)} and policy {tuple(policy_logits.shape)} shapes differ")
+    if ref_logits.requires_grad:
+        ref_logits = ref_logits.detach()
+    return _VocabParallelKL.apply(ref_logits.contiguous(), policy_logits.contiguous(), tp_group, chunk_size)
