@@ -43,7 +43,8 @@ def _vocab_start(vocab_local: int, group) -> int:
 
 def _chunk_rows(num_rows: int, vocab_local: int, chunk_size: int | None) -> int:
     if chunk_size is None:
-        chunk_size = max(1, _DEFAULT_CHUNK_BYTES // (4 * vocab_local))
+        # ~32 MiB of fp32 per chunk, and at least 8 chunks so small inputs keep a small working set too.
+        chunk_size = min(_DEFAULT_CHUNK_BYTES // (4 * vocab_local), -(-num_rows // 8))
     return max(1, min(num_rows, chunk_size))
 
 
@@ -76,15 +77,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         local_max = torch.empty(rows, dtype=acc, device=flat.device)
         sum_exp_and_target = torch.empty(2, rows, dtype=acc, device=flat.device)
         step = _chunk_rows(rows, vocab_local, chunk_size)
+        workspace = torch.empty(step, vocab_local, dtype=acc, device=flat.device)  # reused by every chunk
         for start in range(0, rows, step):
             end = min(start + step, rows)
-            chunk = flat[start:end].to(acc)
+            chunk = workspace[: end - start]
+            chunk.copy_(flat[start:end])
             chunk_max = chunk.max(dim=-1).values
             local_max[start:end] = chunk_max
-            sum_exp_and_target[0, start:end] = (chunk - chunk_max[:, None]).exp_().sum(dim=-1)
             picked = chunk.gather(1, local_target[start:end, None]).squeeze(1)
             sum_exp_and_target[1, start:end] = torch.where(owned[start:end], picked, 0.0)
-            del chunk
+            sum_exp_and_target[0, start:end] = chunk.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+        del workspace
 
         global_max = local_max.clone()
         _all_reduce(global_max, dist.ReduceOp.MAX, tp_group)
@@ -110,18 +113,18 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         else:
             grad_flat = torch.empty_like(flat)
         step = ctx.step
+        # fp32 logits overwritten in place need no workspace; otherwise one fp32 chunk is reused.
+        in_place = ctx.inplace_backward and flat.dtype == acc
+        workspace = None if in_place else torch.empty(min(step, flat.shape[0]), vocab_local, dtype=acc, device=flat.device)
         for start in range(0, flat.shape[0], step):
             end = min(start + step, flat.shape[0])
             g = grad_rows[start:end]
-            rows_fp32 = flat[start:end]
-            if not (ctx.inplace_backward and rows_fp32.dtype == acc):
-                rows_fp32 = rows_fp32.to(acc, copy=True)
-            # -(softmax * g) in fp32, then +g at the owned target.
-            chunk = rows_fp32.sub_(logsumexp[start:end, None]).exp_().mul_(-g[:, None])
+            chunk = flat[start:end] if in_place else workspace[: end - start].copy_(flat[start:end])
+            # -(softmax * g) in the accumulation dtype, then +g at the owned target.
+            chunk.sub_(logsumexp[start:end, None]).exp_().mul_(-g[:, None])
             chunk.scatter_add_(1, local_target[start:end, None], (g * owned[start:end])[:, None])
-            if chunk.data_ptr() != grad_flat[start:end].data_ptr():
+            if not in_place:
                 grad_flat[start:end] = chunk
-            del chunk, rows_fp32
         return grad_flat.view(logits.shape), None, None, None, None
 
 
@@ -142,7 +145,7 @@ def vocab_parallel_logprobs(
             ignored positions: their log-prob is 0 and they get no gradient.
         tp_group: tensor-parallel process group; ``None`` or a group of size 1 means the whole
             vocabulary is local.
-        chunk_size: positions processed at once; by default enough for ~32 MiB of fp32 logits.
+        chunk_size: positions processed at once; by default ~32 MiB of fp32 logits and at least 8 chunks.
         inplace_backward: write the gradient into ``logits``' storage in backward. Only safe when
             nothing else reads those logits after this op's backward.
 

@@ -1,0 +1,284 @@
+"""Typed run configuration and its Megatron-style command line.
+
+Every field of the dataclasses below is a flag: ``tensor_model_parallel_size`` is
+``--tensor-model-parallel-size``; a bool field is a switch (``--bf16``) with a ``--no-`` form. Help
+text comes from the attribute docstrings. ``--config FILE.yaml`` takes the same names as keys
+(dashes or underscores); flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .losses.config import LossConfig
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (megatron-core GPTModel)."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int | None = None
+    """MLP width; default 4 * hidden (GELU) or the Llama rounding of 8/3 * hidden (SwiGLU)."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; default: one per attention head."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
+    swiglu: bool = True
+    """Gated SiLU MLP (Llama) instead of GELU."""
+    add_qkv_bias: bool = False
+    """Bias on the query/key/value projection (Qwen2)."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate output projection instead of the transposed input embedding."""
+    rotary_base: int = 10000
+    """RoPE base frequency."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that get rotary embeddings."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocabulary is a multiple of this times the tensor-parallel size."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random initialisation (when no checkpoint is loaded)."""
+    transformer_impl: str = "local"
+    """Layer implementation: local (megatron-core, CPU and GPU) or transformer_engine (GPU)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (splits heads, MLP and vocabulary)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (splits layers)."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Layers per virtual stage for the interleaved pipeline schedule."""
+    context_parallel_size: int = 1
+    """Context-parallel size (splits the sequence; needs Transformer Engine attention)."""
+    sequence_parallel: bool = False
+    """Shard layer-norm and dropout activations over the tensor-parallel group."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group."""
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    """Preference pairs per micro-batch (each pair is two sequences: chosen and rejected)."""
+    global_batch_size: int = 8
+    """Pairs per optimizer step = micro-batch x data-parallel size x accumulation steps."""
+    seq_length: int = 128
+    """Tokens per sequence (prompt + response); prompts are truncated from the left to fit."""
+    train_iters: int | None = None
+    """Optimizer steps to run (or give --train-epochs)."""
+    train_epochs: int | None = None
+    """Epochs over the data to run (or give --train-iters)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_fraction: float = 0.0
+    """Fraction of the steps spent in linear warm-up."""
+    lr_decay_style: str = "linear"
+    """Decay after warm-up: constant, linear or cosine."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    bf16: bool = False
+    """bfloat16 parameters and activations with fp32 master weights."""
+    fp16: bool = False
+    """float16 with dynamic loss scaling."""
+    seed: int = 1234
+    """Seed for initialisation, data order and SamPO draws."""
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None = None
+    """JSONL file of {"prompt", "chosen", "rejected"} records."""
+    tokenizer_model: str | None = None
+    """Hugging Face tokenizer directory or sentencepiece .model file."""
+    tokenizer_type: str = "auto"
+    """auto, huggingface or sentencepiece."""
+
+
+@dataclass
+class ReferenceConfig:
+    ref_mode: str = "replica"
+    """replica: a frozen copy of the policy runs forward each step; cache: per-token reference
+    log-probs are computed once per epoch and read from disk."""
+    ref_update: str = "none"
+    """none, or epoch: copy the policy into the reference at every epoch boundary (Iterative SamPO)."""
+    ref_load: str | None = None
+    """Checkpoint of the reference model; default: the policy's starting point."""
+    ref_cache_dir: str | None = None
+    """Where --ref-mode cache stores reference log-probs; default: <save>/ref_cache."""
+
+
+@dataclass
+class CheckpointConfig:
+    load: str | None = None
+    """Checkpoint directory to start from (a converted model or a run's --save directory)."""
+    save: str | None = None
+    """Directory for iter_XXXXXXX/ checkpoints and latest_checkpointed_iteration.txt."""
+    save_interval: int | None = None
+    """Save every N steps (and at the end)."""
+    finetune: bool = False
+    """Load only the model weights from --load (new optimizer, schedule and data position)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    """Print a metrics line every N steps."""
+    metrics_file: str | None = None
+    """Append one JSON object per step to this file."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+# LossConfig's seed is the run's --seed.
+_SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
+
+
+def _choices() -> dict[str, list[str]]:
+    from .losses import DEBIAS, LOSSES
+
+    return {
+        "loss_type": LOSSES.names(),
+        "length_debias": DEBIAS.names(),
+        "sampo_mask": ["shared", "independent"],
+        "normalization": ["RMSNorm", "LayerNorm"],
+        "transformer_impl": ["local", "transformer_engine"],
+        "lr_decay_style": ["constant", "linear", "cosine"],
+        "tokenizer_type": ["auto", "huggingface", "sentencepiece"],
+        "ref_mode": ["replica", "cache"],
+        "ref_update": ["none", "epoch"],
+    }
+
+
+def _attribute_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (what torchtitan calls attribute docstrings)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _field_type(cls, name: str):
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _flag_fields():
+    """(section, field name, type, help) for every flag."""
+    for section, factory in _SECTION_TYPES.items():
+        docs = _attribute_docs(factory)
+        for f in dataclasses.fields(factory):
+            if (section, f.name) in _SHARED_FIELDS:
+                continue
+            yield section, f.name, _field_type(factory, f.name), docs.get(f.name, "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="SamPO / DPO preference training on megatron-core",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file whose keys are these flags' names")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    choices = _choices()
+    for section, name, ftype, doc in _flag_fields():
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        flag = "--" + name.replace("_", "-")
+        if ftype is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=doc)
+        else:
+            options = choices.get(name)
+            metavar = "{" + ",".join(options) + "}" if options else ftype.__name__.upper()
+            group.add_argument(flag, dest=name, type=ftype, choices=options, metavar=metavar, help=doc)
+    return parser
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from ``--config FILE.yaml`` and command-line flags (flags win)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    values: dict = {}
+    config_path = given.pop("config", None)
+    known = {name: (section, ftype) for section, name, ftype, _ in _flag_fields()}
+    if config_path:
+        for key, value in _load_yaml(config_path).items():
+            if key not in known:
+                raise ValueError(f"{config_path}: unknown key {key!r} (not a flag of pretrain_sampo.py)")
+            ftype = known[key][1]
+            if value is not None and not isinstance(value, ftype):
+                if ftype is float and isinstance(value, int):
+                    value = float(value)
+                else:
+                    raise ValueError(f"{config_path}: {key} must be {ftype.__name__}, got {value!r}")
+            if key in _choices() and value not in _choices()[key]:
+                raise ValueError(f"{config_path}: {key} must be one of {_choices()[key]}, got {value!r}")
+            values[key] = value
+    values.update(given)
+
+    sections = {section: {} for section in _SECTION_TYPES}
+    for key, value in values.items():
+        sections[known[key][0]][key] = value
+    for (section, name), (src_section, src_name) in _SHARED_FIELDS.items():
+        if src_name in sections[src_section]:
+            sections[section][name] = sections[src_section][src_name]
+    return RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()})

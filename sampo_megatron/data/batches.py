@@ -1,0 +1,194 @@
+"""Deterministic order, global batches, data-parallel split and collation of preference pairs.
+
+Everything here is a pure function of ``(seed, step)``: a resumed run asks for ``batch_at(step)``
+and gets exactly the data an uninterrupted run would have seen, without replaying earlier steps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from .pairs import PreferencePair
+
+T = TypeVar("T")
+
+
+class PairDataset:
+    """Holds the pairs and gives a deterministic shuffled order per epoch.
+
+    Args:
+        pairs: The pairs, e.g. from :func:`~sampo_megatron.data.pairs.read_pairs_jsonl`.
+        seed: Non-negative data seed.
+    """
+
+    def __init__(self, pairs: Sequence[PreferencePair], seed: int) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.pairs = list(pairs)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        return self.pairs[index]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Permutation of ``range(len(self))`` for ``epoch``.
+
+        A pure function of ``(seed, epoch)``: a numpy ``Generator`` seeded with the entropy
+        ``[seed, epoch]`` (a SeedSequence), so epochs get independent orders and no global RNG
+        state is touched or needed on resume.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        return rng.permutation(len(self.pairs)).tolist()
+
+
+def collate_pairs(pairs: Sequence[PreferencePair], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Stacks ``P`` pairs into fixed-shape tensors: chosen rows ``0..P-1``, rejected rows ``P..2P-1``.
+
+    Shapes are always ``[2P, seq_length]`` (right padding) because megatron's pipeline schedule
+    communicates tensors of one fixed shape. Row ``i`` and row ``P + i`` are the same pair.
+
+    Args:
+        pairs: The pairs of one micro-batch (each sequence already fits ``seq_length``).
+        seq_length: Padded sequence length.
+        pad_id: Id used for padding, and as the label wherever there is no target.
+
+    Returns:
+        ``tokens`` [2P, S] int64: prompt + response, right-padded.
+        ``labels`` [2P, S] int64: ``labels[:, t] = tokens[:, t + 1]``; ``pad_id`` at the last token of
+        each sequence and on padding.
+        ``response_mask`` [2P, S] bool: True where the target ``labels[:, t]`` is a response token
+        (the EOS included), i.e. ``t`` in ``[len(prompt) - 1, len(prompt) + len(response) - 1)``.
+        ``position_ids`` [2P, S] int64: ``arange(S)`` per row.
+        ``sample_ids`` [P] int64.
+
+    Raises:
+        ValueError: no pairs, or a sequence longer than ``seq_length``.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    n = len(pairs)
+    tokens = torch.full((2 * n, seq_length), pad_id, dtype=torch.int64)
+    labels = torch.full((2 * n, seq_length), pad_id, dtype=torch.int64)
+    response_mask = torch.zeros((2 * n, seq_length), dtype=torch.bool)
+    for i, pair in enumerate(pairs):
+        for row, response in ((i, pair.chosen_ids), (n + i, pair.rejected_ids)):
+            seq = pair.prompt_ids + response
+            length = len(seq)
+            if length > seq_length:
+                raise ValueError(
+                    f"sample {pair.sample_id}: sequence of {length} tokens exceeds seq_length={seq_length}"
+                )
+            tokens[row, :length] = torch.tensor(seq, dtype=torch.int64)
+            labels[row, : length - 1] = tokens[row, 1:length]
+            # Position t predicts token t+1; response tokens sit at [len(prompt), length).
+            response_mask[row, len(pair.prompt_ids) - 1 : length - 1] = True
+    position_ids = torch.arange(seq_length, dtype=torch.int64).unsqueeze(0).expand(2 * n, -1).contiguous()
+    sample_ids = torch.tensor([p.sample_id for p in pairs], dtype=torch.int64)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "response_mask": response_mask,
+        "position_ids": position_ids,
+        "sample_ids": sample_ids,
+    }
+
+
+def split_for_rank(pairs: Sequence[T], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[T]]:
+    """This data-parallel rank's micro-batches of a global batch.
+
+    The global batch is cut into contiguous micro-batches of ``micro_batch_size`` pairs, and those
+    are dealt round-robin to DP ranks: rank ``r`` gets global micro-batches ``r, r + dp_size,
+    r + 2 * dp_size, ...``. That is the layout of megatron's ``MegatronPretrainingSampler`` (each
+    step of ``micro_batch_size * dp_size`` samples is split by rank). The union over ranks and
+    micro-batches is exactly the global batch, and each micro-batch holds whole pairs.
+
+    Args:
+        pairs: One global batch.
+        dp_rank: This rank's data-parallel index.
+        dp_size: Data-parallel world size.
+        micro_batch_size: Pairs per micro-batch.
+
+    Returns:
+        ``len(pairs) // (micro_batch_size * dp_size)`` micro-batches of ``micro_batch_size`` pairs.
+
+    Raises:
+        ValueError: the global batch is not divisible by ``micro_batch_size * dp_size``, or the
+            rank/sizes are out of range.
+    """
+    if dp_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"dp_size and micro_batch_size must be >= 1, got {dp_size}, {micro_batch_size}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+    per_step = micro_batch_size * dp_size
+    if len(pairs) % per_step:
+        raise ValueError(
+            f"global batch of {len(pairs)} pairs is not divisible by micro_batch_size * dp_size = "
+            f"{micro_batch_size} * {dp_size}"
+        )
+    return [
+        list(pairs[start + dp_rank * micro_batch_size : start + (dp_rank + 1) * micro_batch_size])
+        for start in range(0, len(pairs), per_step)
+    ]
+
+
+class PairBatches:
+    """Global batches in epoch order, addressable by step for exact resumption.
+
+    Step ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``; each epoch uses
+    :meth:`PairDataset.epoch_order`. An epoch's trailing partial batch (``len(dataset) %
+    global_batch_size`` pairs) is DROPPED, so every step has the same number of pairs; those pairs
+    usually land in a full batch in another epoch because each epoch is reshuffled.
+
+    Args:
+        dataset: The pairs and their seed.
+        global_batch_size: Pairs per optimizer step, over all DP ranks and micro-batches.
+        seq_length: Padded sequence length for :meth:`micro_batches`.
+        pad_id: Padding id for :meth:`micro_batches`.
+    """
+
+    def __init__(self, dataset: PairDataset, global_batch_size: int, seq_length: int, pad_id: int) -> None:
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if len(dataset) < global_batch_size:
+            raise ValueError(f"dataset of {len(dataset)} pairs is smaller than global_batch_size={global_batch_size}")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.seq_length = seq_length
+        self.pad_id = pad_id
+        # One-entry cache: steps are usually asked in order, and a permutation costs O(N).
+        self._cached: tuple[int, list[int]] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches per epoch."""
+        return len(self.dataset) // self.global_batch_size
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.dataset.epoch_order(epoch))
+        return self._cached[1]
+
+    def batch_at(self, step: int) -> tuple[int, list[PreferencePair]]:
+        """``(epoch, pairs)`` of global step ``step`` (0-based); a pure function of the step."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start = index * self.global_batch_size
+        order = self._order(epoch)[start : start + self.global_batch_size]
+        return epoch, [self.dataset[i] for i in order]
+
+    def micro_batches(
+        self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int
+    ) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :func:`split_for_rank`."""
+        epoch, pairs = self.batch_at(step)
+        parts = split_for_rank(pairs, dp_rank, dp_size, micro_batch_size)
+        return epoch, [collate_pairs(p, self.seq_length, self.pad_id) for p in parts]
