@@ -96,3 +96,16 @@ def test_kl_matches_reference_and_gradcheck():
     small_ref, _, _ = _inputs(torch.float64, s=3, b=2, v=9, seed=3)
     small_pol = _inputs(torch.float64, s=3, b=2, v=9, seed=4)[0].requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: vocab_parallel_kl(small_ref, z, chunk_size=2), (small_pol,))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_padded_vocabulary_columns_are_left_out(inplace):
+    logits, target, grad = _inputs(torch.float32, v=301)
+    padded = torch.cat([logits, torch.randn(*logits.shape[:-1], 83) * 5], dim=-1)
+    x = padded.clone().requires_grad_(True)
+    out = vocab_parallel_logprobs(x * 1, target, chunk_size=4, vocab_size=301, inplace_backward=inplace)
+    (out.double() * grad).sum().backward()
+    ref_out, ref_g = _value_and_grad(logprobs_reference, logits.double(), target, grad)
+    assert max_rel_error(out, ref_out) <= 1e-5
+    assert max_rel_error(x.grad[..., :301], ref_g) <= 1e-5
+    assert (x.grad[..., 301:] == 0).all()

@@ -62,26 +62,28 @@ def _local_target(target: torch.Tensor, vocab_start: int, vocab_local: int):
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, chunk_size, inplace_backward):
+    def forward(ctx, logits, target, tp_group, chunk_size, inplace_backward, vocab_size):
         vocab_local = logits.shape[-1]
         lead_shape = logits.shape[:-1]
         flat = logits.reshape(-1, vocab_local)
         flat_target = target.reshape(-1)
         valid = flat_target >= 0
         vocab_start = _vocab_start(vocab_local, tp_group)
-        local_target, owned = _local_target(flat_target, vocab_start, vocab_local)
+        # Columns past the real vocabulary (TP padding) take no part in the softmax.
+        n_real = vocab_local if vocab_size is None else max(0, min(vocab_local, vocab_size - vocab_start))
+        local_target, owned = _local_target(flat_target, vocab_start, n_real)
         owned &= valid
 
         rows = flat.shape[0]
         acc = _compute_dtype(logits.dtype)
-        local_max = torch.empty(rows, dtype=acc, device=flat.device)
-        sum_exp_and_target = torch.empty(2, rows, dtype=acc, device=flat.device)
+        local_max = torch.full((rows,), float("-inf"), dtype=acc, device=flat.device)
+        sum_exp_and_target = torch.zeros(2, rows, dtype=acc, device=flat.device)
         step = _chunk_rows(rows, vocab_local, chunk_size)
-        workspace = torch.empty(step, vocab_local, dtype=acc, device=flat.device)  # reused by every chunk
-        for start in range(0, rows, step):
+        workspace = torch.empty(step, n_real, dtype=acc, device=flat.device)  # reused by every chunk
+        for start in range(0, rows if n_real else 0, step):
             end = min(start + step, rows)
             chunk = workspace[: end - start]
-            chunk.copy_(flat[start:end])
+            chunk.copy_(flat[start:end, :n_real])
             chunk_max = chunk.max(dim=-1).values
             local_max[start:end] = chunk_max
             picked = chunk.gather(1, local_target[start:end, None]).squeeze(1)
@@ -99,6 +101,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         ctx.save_for_backward(logits, local_target, owned, valid, logsumexp)
         ctx.step = step
         ctx.inplace_backward = inplace_backward
+        ctx.n_real = n_real
         return logprobs.reshape(lead_shape)
 
     @staticmethod
@@ -112,20 +115,22 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             grad_flat = flat
         else:
             grad_flat = torch.empty_like(flat)
-        step = ctx.step
+        step, n_real = ctx.step, ctx.n_real
         # fp32 logits overwritten in place need no workspace; otherwise one fp32 chunk is reused.
         in_place = ctx.inplace_backward and flat.dtype == acc
-        workspace = None if in_place else torch.empty(min(step, flat.shape[0]), vocab_local, dtype=acc, device=flat.device)
-        for start in range(0, flat.shape[0], step):
+        workspace = None if in_place else torch.empty(min(step, flat.shape[0]), n_real, dtype=acc, device=flat.device)
+        if n_real < vocab_local:
+            grad_flat[:, n_real:] = 0
+        for start in range(0, flat.shape[0] if n_real else 0, step):
             end = min(start + step, flat.shape[0])
             g = grad_rows[start:end]
-            chunk = flat[start:end] if in_place else workspace[: end - start].copy_(flat[start:end])
+            chunk = flat[start:end, :n_real] if in_place else workspace[: end - start].copy_(flat[start:end, :n_real])
             # -(softmax * g) in the accumulation dtype, then +g at the owned target.
             chunk.sub_(logsumexp[start:end, None]).exp_().mul_(-g[:, None])
             chunk.scatter_add_(1, local_target[start:end, None], (g * owned[start:end])[:, None])
             if not in_place:
-                grad_flat[start:end] = chunk
-        return grad_flat.view(logits.shape), None, None, None, None
+                grad_flat[start:end, :n_real] = chunk
+        return grad_flat.view(logits.shape), None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -135,6 +140,7 @@ def vocab_parallel_logprobs(
     *,
     chunk_size: int | None = None,
     inplace_backward: bool = False,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``log softmax(logits)[target]`` with the vocabulary sharded over ``tp_group``.
 
@@ -148,13 +154,15 @@ def vocab_parallel_logprobs(
         chunk_size: positions processed at once; by default ~32 MiB of fp32 logits and at least 8 chunks.
         inplace_backward: write the gradient into ``logits``' storage in backward. Only safe when
             nothing else reads those logits after this op's backward.
+        vocab_size: the real vocabulary size when the logits carry megatron's TP padding: columns
+            with global id ``>= vocab_size`` are left out of the softmax and get zero gradient.
 
     Returns:
         ``[...]`` fp32 (float64 for float64 logits) log-probabilities, identical on every rank of ``tp_group``.
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} leading shapes differ")
-    return _VocabParallelLogProbs.apply(logits.contiguous(), target, tp_group, chunk_size, inplace_backward)
+    return _VocabParallelLogProbs.apply(logits.contiguous(), target, tp_group, chunk_size, inplace_backward, vocab_size)
 
 
 class _VocabParallelKL(torch.autograd.Function):

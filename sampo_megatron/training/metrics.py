@@ -1,0 +1,75 @@
+"""Per-step metrics: a console line, a JSONL file and TensorBoard scalars (on one logging rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+# Console columns, in order; everything else goes to the file and TensorBoard only.
+_CONSOLE = (
+    ("loss", "loss", "{:.5f}"),
+    ("rewards/margins", "margins", "{:+.4f}"),
+    ("rewards/accuracies", "acc", "{:.2f}"),
+    ("rewards_full/margins", "margins_full", "{:+.4f}"),
+    ("lengths/chosen", "T_w", "{:.1f}"),
+    ("lengths/rejected", "T_l", "{:.1f}"),
+    ("lengths/kept", "T_m", "{:.1f}"),
+    ("lr", "lr", "{:.3e}"),
+    ("grad_norm", "grad_norm", "{:.4f}"),
+    ("pairs_per_s", "pairs/s", "{:.2f}"),
+    ("tokens_per_s", "tokens/s", "{:.0f}"),
+)
+
+
+class MetricsLogger:
+    """Writes metrics from the logging rank only; every other rank gets a no-op logger.
+
+    Args:
+        enabled: whether this rank logs.
+        total_iters: for the ``iteration k/N`` prefix.
+        log_interval: console line every N steps (the file and TensorBoard get every step).
+        metrics_file: JSONL path, appended to (a resumed run continues the same file).
+        tensorboard_dir: TensorBoard log directory.
+    """
+
+    def __init__(self, enabled: bool, total_iters: int, log_interval: int = 1, metrics_file: str | None = None, tensorboard_dir: str | None = None) -> None:
+        self.enabled = enabled
+        self.total_iters = total_iters
+        self.log_interval = max(1, log_interval)
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        if metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self._file = open(metrics_file, "a", buffering=1)
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
+            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"iteration": iteration, "time": time.time(), **metrics}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(name, value, iteration)
+        if iteration % self.log_interval == 0 or iteration == self.total_iters:
+            fields = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _CONSOLE if key in metrics]
+            print(f"iteration {iteration:>6d}/{self.total_iters} | " + " | ".join(fields), flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

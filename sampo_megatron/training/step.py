@@ -1,0 +1,70 @@
+"""megatron-core ``forward_step_func`` / ``loss_func`` for the policy and the reference replica.
+
+A micro-batch is a dict from :func:`sampo_megatron.data.collate_pairs` (chosen rows, then rejected
+rows of the same pairs) plus ``epoch`` and, once the reference has run, ``ref_logps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..losses import LossConfig, PreferenceInputs, RunningMean, preference_loss
+from ..ops import vocab_parallel_logprobs
+
+
+@dataclass
+class StepContext:
+    """What the loss needs beyond the micro-batch."""
+
+    loss: LossConfig
+    tp_group: object
+    vocab_size: int
+    """Real vocabulary size: the TP padding columns are left out of the softmax."""
+    reward_mean: RunningMean | None = None
+
+
+def _model_logits(batch: dict, model) -> torch.Tensor:
+    # Causal attention needs no explicit mask; right padding only follows the real tokens.
+    return model(batch["tokens"], batch["position_ids"], None)
+
+
+def token_logprobs(batch: dict, logits: torch.Tensor, ctx: StepContext, *, inplace_backward: bool) -> torch.Tensor:
+    """``[2P, S]`` per-token log-probs of the labels from ``[2P, S, V/TP]`` logits."""
+    return vocab_parallel_logprobs(
+        logits, batch["labels"], ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size
+    )
+
+
+def policy_forward_step(ctx: StepContext, data_iterator, model):
+    """Forward of the policy on one micro-batch; the loss runs on the last pipeline stage."""
+    batch = next(data_iterator)
+    return _model_logits(batch, model), partial(_policy_loss, ctx, batch)
+
+
+def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
+    # The logits are not needed after this op, so its backward may overwrite them with the gradient.
+    logps = token_logprobs(batch, logits, ctx, inplace_backward=True)
+    out = preference_loss(
+        PreferenceInputs(logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps")),
+        ctx.loss,
+        epoch=batch["epoch"],
+        reward_mean=ctx.reward_mean,
+    )
+    loss = out.losses.mean()
+    # Sums over this micro-batch's pairs; the trainer divides by the global pair count.
+    # (The schedule divides `loss` in place, so the metrics must not alias it.)
+    sums = {name: value.detach().double().sum() for name, value in out.metrics.items()}
+    return loss, {"sums": sums, "pairs": out.losses.numel()}
+
+
+def reference_forward_step(ctx: StepContext, data_iterator, model):
+    """Forward-only pass of the reference: collects per-token log-probs (``non_loss_data``)."""
+    batch = next(data_iterator)
+    return _model_logits(batch, model), partial(_reference_logps, ctx, batch)
+
+
+def _reference_logps(ctx: StepContext, batch: dict, logits: torch.Tensor, non_loss_data: bool = True):
+    return token_logprobs(batch, logits, ctx, inplace_backward=False).detach()

@@ -1,0 +1,410 @@
+"""The SamPO / DPO training loop on megatron-core: wires data, models, reference, optimizer,
+schedule, checkpoints and metrics together."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..data import PairBatches, PairDataset, load_tokenizer, read_pairs_jsonl
+from ..losses import LOSSES, RunningMean
+from ..models.gpt import build_model_chunks, padded_vocab_size, transformer_config
+from ..models.weights import initialize_deterministically
+from .checkpointing import CheckpointContents, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .metrics import MetricsLogger
+from .reference import ReferenceCache, copy_weights, forward_only_logps
+from .step import StepContext, policy_forward_step
+
+
+@dataclass
+class RunState:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly."""
+
+    iteration: int = 0
+    """Optimizer steps completed."""
+    reference_source: dict = field(default_factory=dict)
+    reference_version: int = 0
+    """Epoch at which the reference was last set (Iterative: the current epoch)."""
+    reward_mean: dict = field(default_factory=lambda: {"total": 0.0, "count": 0})
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+class Trainer:
+    """Builds everything from a :class:`RunConfig`; :meth:`train` runs the loop."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        _init_distributed()
+        from ..compat import apply_cpu_compat
+
+        apply_cpu_compat()
+        from megatron.core import parallel_state, tensor_parallel
+
+        par, tr = cfg.parallel, cfg.training
+        self.tconfig = transformer_config(cfg.model, par, tr)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.tconfig.virtual_pipeline_model_parallel_size,
+            context_parallel_size=par.context_parallel_size,
+        )
+        tensor_parallel.model_parallel_cuda_manual_seed(tr.seed)
+        torch.manual_seed(tr.seed)
+        self.ps = parallel_state
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.writes_results = (
+            self.is_last_stage
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
+        )
+        self.logs = self.writes_results and self.dp_rank == 0
+
+        self._check_config()
+        self._build_data()
+        self._build_models()
+        self._build_optimizer()
+        self.state = RunState()
+        self.reward_mean = RunningMean(group=parallel_state.get_data_parallel_group())
+        self.ctx = StepContext(
+            loss=cfg.loss,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            vocab_size=self.tokenizer.vocab_size,
+            reward_mean=self.reward_mean,
+        )
+        self._load_or_init()
+        self.logger = MetricsLogger(
+            self.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
+        )
+
+    # ----------------------------------------------------------------------------- set-up
+    def _check_config(self) -> None:
+        cfg = self.cfg
+        if cfg.data.data_path is None or cfg.data.tokenizer_model is None:
+            raise ValueError("--data-path and --tokenizer-model are required")
+        if LOSSES[cfg.loss.loss_type].needs_token_kl:
+            raise ValueError(f"--loss-type {cfg.loss.loss_type} (TDPO) is not supported by the trainer yet")
+        if cfg.parallel.context_parallel_size > 1 and cfg.model.transformer_impl != "transformer_engine":
+            raise ValueError("--context-parallel-size > 1 needs --transformer-impl transformer_engine (megatron-core CP)")
+        if cfg.reference.ref_mode == "cache" and cfg.reference.ref_cache_dir is None and cfg.checkpoint.save is None:
+            raise ValueError("--ref-mode cache needs --ref-cache-dir or --save (the cache goes to <save>/ref_cache)")
+        if cfg.training.train_iters is None and cfg.training.train_epochs is None:
+            raise ValueError("give --train-iters or --train-epochs")
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        pairs = read_pairs_jsonl(cfg.data.data_path, self.tokenizer, cfg.training.seq_length)
+        self.batches = PairBatches(PairDataset(pairs, cfg.training.seed), cfg.training.global_batch_size, cfg.training.seq_length, self.tokenizer.pad_id)
+        self.num_pairs = len(pairs)
+        tr = cfg.training
+        self.train_iters = tr.train_iters if tr.train_iters is not None else tr.train_epochs * self.batches.steps_per_epoch
+        mbs_dp = tr.micro_batch_size * self.dp_size
+        if tr.global_batch_size % mbs_dp:
+            raise ValueError(
+                f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size {tr.micro_batch_size} "
+                f"x data-parallel size {self.dp_size}"
+            )
+
+    def _build_models(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        cfg = self.cfg
+        self.vocab_padded = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+        self.chunks = build_model_chunks(cfg.model, self.tconfig, self.vocab_padded, cfg.training.seq_length)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(self.chunks)
+        ]
+        self.reference = None
+        if cfg.reference.ref_mode == "replica":
+            self.reference = self._new_reference_chunks()
+        self.cache = None
+        if cfg.reference.ref_mode == "cache":
+            cache_dir = cfg.reference.ref_cache_dir or os.path.join(cfg.checkpoint.save, "ref_cache")
+            self.cache = ReferenceCache(cache_dir, self.num_pairs, cfg.training.seq_length)
+
+    def _new_reference_chunks(self) -> list:
+        cfg = self.cfg
+        ref_config = transformer_config(cfg.model, cfg.parallel, cfg.training)
+        chunks = build_model_chunks(cfg.model, ref_config, self.vocab_padded, cfg.training.seq_length)
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return chunks
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        tr, par = self.cfg.training, self.cfg.parallel
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=tr.lr,
+                min_lr=tr.min_lr,
+                weight_decay=tr.weight_decay,
+                adam_beta1=tr.adam_beta1,
+                adam_beta2=tr.adam_beta2,
+                adam_eps=tr.adam_eps,
+                clip_grad=tr.clip_grad,
+                bf16=tr.bf16,
+                fp16=tr.fp16,
+                params_dtype=self.tconfig.params_dtype,
+                use_distributed_optimizer=par.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        warmup = int(tr.lr_warmup_fraction * self.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=tr.lr,
+            min_lr=tr.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=self.train_iters,
+            lr_decay_style=tr.lr_decay_style,
+            start_wd=tr.weight_decay,
+            end_wd=tr.weight_decay,
+            wd_incr_steps=self.train_iters,
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=True,
+        )
+        self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+
+    def _contents(self, with_optimizer: bool, with_reference: bool) -> CheckpointContents:
+        return CheckpointContents(
+            optimizer=self.optimizer if with_optimizer else None,
+            scheduler=self.scheduler,
+            run_state=self.state.to_dict(),
+            reference_chunks=self.reference if with_reference else None,
+        )
+
+    def _load_or_init(self) -> None:
+        cfg = self.cfg
+        ckpt = None
+        resuming = False
+        # A run resumes from its own --save directory when that holds a checkpoint.
+        for candidate in (cfg.checkpoint.save, cfg.checkpoint.load):
+            if candidate and (ckpt := resolve_checkpoint(candidate)) is not None:
+                resuming = candidate == cfg.checkpoint.save or (not cfg.checkpoint.finetune and has_key(ckpt, "run_state"))
+                break
+        if ckpt is None and cfg.checkpoint.load:
+            raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no checkpoint there")
+        dp_group = self.ps.get_data_parallel_group(with_context_parallel=True)
+
+        if ckpt is None:
+            initialize_deterministically(self.chunks, seed=cfg.training.seed, vocab_size=self.tokenizer.vocab_size)
+            self.state.reference_source = {"kind": "init", "seed": cfg.training.seed}
+        elif not resuming:
+            load_checkpoint(ckpt, self.chunks, CheckpointContents(), dp_group)
+            self.state.reference_source = {"kind": "checkpoint", "path": os.path.abspath(ckpt)}
+        else:
+            common = load_checkpoint(ckpt, self.chunks, CheckpointContents(optimizer=self.optimizer), dp_group)
+            self.state = RunState(**common["run_state"])
+            self.scheduler.load_state_dict(common["scheduler"])
+            self.reward_mean.load_state_dict(self.state.reward_mean)
+            self._resumed_from = ckpt
+        if not resuming:
+            # Mixed-precision and distributed optimizers hold fp32 main copies made at construction.
+            self.optimizer.reload_model_params()
+        if cfg.reference.ref_load:
+            self.state.reference_source = (
+                {"kind": "checkpoint", "path": os.path.abspath(resolve_checkpoint(cfg.reference.ref_load) or cfg.reference.ref_load)}
+                if self.state.reference_source.get("kind") != "saved"
+                else self.state.reference_source
+            )
+        if self.reference is not None:
+            self._materialise_reference(self.reference, ckpt if resuming else None)
+
+    def _materialise_reference(self, chunks, resume_ckpt: str | None) -> None:
+        """Give the replica the weights its recorded source says."""
+        source = self.state.reference_source
+        dp_group = self.ps.get_data_parallel_group(with_context_parallel=True)
+        if source["kind"] == "saved":
+            if resume_ckpt is None:
+                raise RuntimeError("the reference was saved with a checkpoint, but no checkpoint is being resumed")
+            load_checkpoint(resume_ckpt, [], CheckpointContents(reference_chunks=chunks), dp_group)
+        elif source["kind"] == "checkpoint":
+            load_checkpoint(source["path"], chunks, CheckpointContents(), dp_group)
+        elif source["kind"] == "init":
+            initialize_deterministically(chunks, seed=source["seed"], vocab_size=self.tokenizer.vocab_size)
+        else:
+            raise ValueError(f"unknown reference source {source}")
+
+    # ----------------------------------------------------------------------------- reference
+    def _epoch_started(self, epoch: int, step: int) -> None:
+        """Iterative SamPO: at each new epoch the reference becomes the current policy."""
+        if self.cfg.reference.ref_update == "epoch" and epoch > self.state.reference_version:
+            self.state.reference_version = epoch
+            self.state.reference_source = {"kind": "saved"} if self.reference is not None else {"kind": "policy"}
+            if self.reference is not None:
+                copy_weights(self.model, self.reference)
+            self.logger.message(f"epoch {epoch}: reference updated to the current policy")
+        if self.cache is not None and not self.cache.is_complete(self.state.reference_version):
+            self._build_cache(epoch, step)
+
+    def _build_cache(self, epoch: int, step: int) -> None:
+        version = self.state.reference_version
+        if self.cfg.reference.ref_update == "epoch" and version > 0:
+            if step != epoch * self.batches.steps_per_epoch:
+                raise RuntimeError(
+                    f"the reference cache of epoch {version} is missing; an Iterative run's reference (the "
+                    "policy at the epoch's start) cannot be rebuilt mid-epoch"
+                )
+            chunks, temporary = self.model, False  # the reference is the policy as of now
+        else:
+            chunks, temporary = self._new_reference_chunks(), True
+            self._materialise_reference(chunks, None)
+        self.logger.message(f"computing reference log-probs for the cache (version {version}) ...")
+        spe = self.batches.steps_per_epoch
+        steps = (self._micro_batches(step)[1] for step in range(epoch * spe, (epoch + 1) * spe))
+
+        def compute(micro_batches):
+            out = forward_only_logps(chunks, micro_batches, self.ctx, self.cfg.training.seq_length)
+            return out if self.writes_results else None
+
+        self.cache.build(version, steps, compute)
+        if temporary:
+            del chunks
+
+    def _attach_reference(self, micro_batches: list[dict]) -> None:
+        if self.cache is not None:
+            if self.is_last_stage:
+                for batch in micro_batches:
+                    batch["ref_logps"] = self.cache.lookup(self.state.reference_version, batch["sample_ids"]).to(batch["tokens"].device)
+            return
+        outputs = forward_only_logps(self.reference, micro_batches, self.ctx, self.cfg.training.seq_length)
+        if outputs is not None:
+            for batch, logps in zip(micro_batches, outputs):
+                batch["ref_logps"] = logps
+
+    # ----------------------------------------------------------------------------- loop
+    def _micro_batches(self, step: int) -> tuple[int, list[dict]]:
+        epoch, micro_batches = self.batches.micro_batches(step, self.dp_rank, self.dp_size, self.cfg.training.micro_batch_size)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        for batch in micro_batches:
+            for key, value in batch.items():
+                batch[key] = value.to(device)
+            batch["epoch"] = epoch
+        return epoch, micro_batches
+
+    def _reduce_metrics(self, losses_reduced: list[dict]) -> dict[str, float]:
+        if not self.is_last_stage:
+            return {}
+        names = sorted(losses_reduced[0]["sums"])
+        totals = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for out in losses_reduced:
+            totals[:-1] += torch.stack([out["sums"][n].cpu() for n in names])
+            totals[-1] += out["pairs"]
+        dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
+        return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        epoch, micro_batches = self._micro_batches(step)
+        self._epoch_started(epoch, step)
+        self._attach_reference(micro_batches)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(micro_batches) for _ in self.model]
+        losses_reduced = get_forward_backward_func()(
+            forward_step_func=partial(policy_forward_step, self.ctx),
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=self.cfg.training.seq_length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=False,
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        metrics = self._reduce_metrics(losses_reduced)
+        _, pairs = self.batches.batch_at(step)
+        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        metrics.update(
+            epoch=float(epoch),
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            pairs_per_s=len(pairs) / elapsed,
+            tokens_per_s=tokens / elapsed,
+            step_time_s=elapsed,
+            peak_memory_gib=_peak_memory_gib(),
+        )
+        self.state.iteration = step + 1
+        self.state.reward_mean = self.reward_mean.state_dict()
+        return metrics
+
+    def save(self) -> str:
+        with_reference = self.reference is not None and self.state.reference_source.get("kind") == "saved"
+        ckpt = save_checkpoint(
+            self.cfg.checkpoint.save,
+            self.state.iteration,
+            self.chunks,
+            self._contents(with_optimizer=True, with_reference=with_reference),
+            self.ps.get_data_parallel_group(with_context_parallel=True),
+        )
+        self.logger.message(f"saved checkpoint {ckpt}")
+        return ckpt
+
+    def train(self) -> None:
+        cfg = self.cfg
+        start = self.state.iteration
+        if start:
+            self.logger.message(f"resumed from {self._resumed_from} at iteration {start}")
+        self.logger.message(
+            f"training {self.train_iters} steps | {self.num_pairs} pairs, {self.batches.steps_per_epoch} steps per epoch | "
+            f"TP {cfg.parallel.tensor_model_parallel_size} PP {cfg.parallel.pipeline_model_parallel_size} "
+            f"DP {self.dp_size} | loss {cfg.loss.loss_type}, length debias {cfg.loss.length_debias}"
+        )
+        for step in range(start, self.train_iters):
+            metrics = self.train_step(step)
+            self.logger.log(step + 1, metrics)
+            interval = cfg.checkpoint.save_interval
+            if cfg.checkpoint.save and ((interval and (step + 1) % interval == 0) or step + 1 == self.train_iters):
+                self.save()
+        self.logger.close()
+        if cfg.logging.metrics_file:
+            self.logger.message(f"metrics: {cfg.logging.metrics_file}")
