@@ -1,8 +1,9 @@
 """CPU compatibility layer for megatron-core (written against 0.16.1, gloo backend, no GPU).
 
 megatron-core assumes CUDA in a few dozen places: ``torch.cuda.current_device()`` as a device
-argument, ``torch.cuda.synchronize()``, literal ``device="cuda"``, the CUDA RNG in the tensor-parallel
-RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks, and ``tensor.cuda()``.
+argument, ``torch.cuda.synchronize()``, literal ``device="cuda"``, the CUDA RNG in the
+tensor-parallel RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` checks, and
+``tensor.cuda()``.
 :func:`apply_cpu_compat` redirects exactly those sites to the CPU. On a machine where
 ``torch.cuda.is_available()`` is true it changes nothing.
 
@@ -22,10 +23,13 @@ The patches are of four kinds, all listed in tables below with the megatron file
    reports its CUDA type name (``'torch.cuda.FloatTensor'``) and ``.cuda()`` returns the tensor.
 4. ``ShardedTensor.init_data``: callers pass the literal ``"cuda"``; it is mapped to the CPU.
 
-Known limits (not patched, see the notes in ``/work/shared/notes/megatron-core-on-cpu.md``):
-fp16/bf16 mixed-precision optimizers and the grad scaler, CUDA graphs, inference KV caches,
-overlapped grad reduce (CUDA streams), async checkpoint save. On gloo, interleaved pipelines need
-``batch_p2p_comm=False`` (the batched path gave wrong gradients); that is a config choice, not a
+Exercised by ``tests/test_cpu_compat.py``: TP, PP, TPxPP, tied embeddings, megatron DDP with
+``finalize_model_grads``, the non-distributed and the distributed optimizer with clipping, and a
+fully parallel ``torch_dist`` checkpoint save/load. Not patched (they still need CUDA): fp16/bf16
+mixed-precision optimizers and the grad scaler, CUDA graphs, inference KV caches, several
+distributed-optimizer instances (CUDA streams), async checkpoint save (``async_utils.py``).
+On gloo, interleaved pipelines need ``batch_p2p_comm=False`` (the batched path gave wrong
+gradients, see ``/work/shared/notes/megatron-core-on-cpu.md``); that is a config choice, not a
 patch. With dropout > 0 the tracker logs "CPU RNG state changed within GPU RNG context", because on
 CPU the tracked states live in the CPU generator.
 """
@@ -139,7 +143,8 @@ _SHIMMED_MODULES: dict[str, str] = {
         "use_cpu_initialization; layers.py:552 all-gather buffer for sequence parallel"
     ),
     "megatron.core.tensor_parallel.mappings": (
-        "mappings.py:91,141,148,181,442 all-gather / reduce-scatter output buffers on current_device()"
+        "mappings.py:91,141,148,181,442 all-gather / reduce-scatter output buffers on "
+        "current_device()"
     ),
     "megatron.core.tensor_parallel.utils": (
         "utils.py:70,91 split/gather_split_1d_tensor buffers on current_device()"
@@ -148,8 +153,8 @@ _SHIMMED_MODULES: dict[str, str] = {
         "data.py:37,86 broadcast_data builds its buffers with device='cuda' / current_device()"
     ),
     "megatron.core.tensor_parallel.random": (
-        "random.py:235-238 CudaRNGStatesTracker.add and random.py:422 model_parallel_cuda_manual_seed "
-        "call torch.cuda.get_rng_state / torch.cuda.manual_seed"
+        "random.py:235-238 CudaRNGStatesTracker.add and random.py:422 "
+        "model_parallel_cuda_manual_seed call torch.cuda.get_rng_state / torch.cuda.manual_seed"
     ),
     "megatron.core.pipeline_parallel.schedules": (
         "schedules.py:596,983,2138 total_num_tokens = torch.zeros(..., device='cuda')"
@@ -162,8 +167,9 @@ _SHIMMED_MODULES: dict[str, str] = {
         "param_and_grad_buffer.py:783,800,806 DDP param/grad buffers on current_device()"
     ),
     "megatron.core.optimizer.optimizer": (
-        "optimizer.py:473,481,485 MixedPrecisionOptimizer and optimizer.py:907 FP32Optimizer._scale "
-        "use device='cuda'; optimizer.py:1141 ChainedOptimizer.get_loss_scale on current_device()"
+        "optimizer.py:473,481,485 MixedPrecisionOptimizer and optimizer.py:907 "
+        "FP32Optimizer._scale use device='cuda'; optimizer.py:1141 "
+        "ChainedOptimizer.get_loss_scale on current_device()"
     ),
     "megatron.core.optimizer.clip_grads": (
         "clip_grads.py:90,103,115,174,207 norm/overflow/zero-count tensors with device='cuda'"
@@ -177,6 +183,13 @@ _SHIMMED_MODULES: dict[str, str] = {
     ),
     "megatron.core.models.common.embeddings.rotary_pos_embedding": (
         "rotary_pos_embedding.py:162 get_emb moves inv_freq to current_device() on first forward"
+    ),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "filesystem_async.py:230 preload_tensors calls torch.cuda.synchronize() (torch_dist save)"
+    ),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
+        "state_dict_saver.py:252 save failure flag on current_device(); state_dict_saver.py:204 "
+        "cached-plan check with device='cuda'"
     ),
     "megatron.core.dist_checkpointing.strategies.fully_parallel": (
         "fully_parallel.py:272,281 torch.cuda.synchronize() after the fully parallel load exchange"
@@ -231,7 +244,9 @@ _saved_tensor_attrs: dict[str, Any] = {}
 _MISSING = object()
 
 
-def _type_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+def _type_as_cuda(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
     """``Tensor.type`` that names a CPU tensor by its CUDA type (``torch.cuda.FloatTensor``)."""
     if dtype is not None or kwargs:
         return torch._C.TensorBase.type(self, dtype, non_blocking, **kwargs)
@@ -365,7 +380,7 @@ def apply_cpu_compat() -> bool:
     for module_name in _SHIMMED_MODULES:
         module = importlib.import_module(module_name)
         if module.__dict__.get("torch") is not torch:
-            raise RuntimeError(f"{module_name}.torch is not the torch module; megatron layout changed?")
+            raise RuntimeError(f"{module_name}.torch is not the torch module (megatron changed?)")
         module.torch = shim
 
     # 2. RNG tracker state accessors (looked up as module globals at call time).

@@ -124,6 +124,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(chunks, contents, loading=False), ckpt, _strategies(None, dp_group))
+    _stop_writer_manager()
     dist.barrier()
     if os.environ.get(_KILL_BEFORE_MARKER_ENV) == str(iteration):
         import signal
@@ -138,6 +139,24 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
         os.replace(tmp, os.path.join(save_dir, MARKER))
     dist.barrier()
     return ckpt
+
+
+def _stop_writer_manager() -> None:
+    """Shut down the multiprocessing Manager that megatron-core's checkpoint writer starts
+    (``filesystem_async.py:55``) and keeps for the process's lifetime.
+
+    A process killed by SIGKILL never runs the finalizer that stops it, so the Manager would outlive
+    the run (under torchrun; a SLURM step kills it with the job). Stopping it after each save leaves
+    it alive only while a checkpoint is being written, at the cost of a restart per save.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    if queue is not None:
+        manager = getattr(queue, "_manager", None)
+        if manager is not None:
+            manager.shutdown()
+        filesystem_async._results_queue = None
 
 
 def has_key(ckpt_dir: str, key: str) -> bool:

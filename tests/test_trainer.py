@@ -1,0 +1,150 @@
+"""The trainer end to end under torchrun + gloo on CPU: layouts, reference, resume, resharding."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
+
+LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
+SHIPPED = REPO_ROOT / "examples" / "data" / "tiny_pairs.jsonl"
+
+# A tiny model; 4 layers so that PP=2 with interleaving (1 layer per virtual stage) is possible.
+# Layouts differ only by fp32 summation order. A large learning rate makes the rewards O(0.1-1) (so
+# a relative comparison means something), and Adam's eps 1e-3 keeps the update a smooth function of
+# the gradient (with eps 1e-8, a parameter whose gradient is ~0 moves by +-lr on its sign alone).
+BASE = [
+    "--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"),
+    "--num-layers", "4", "--hidden-size", "64", "--seq-length", "96",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
+    "--lr", "0.05", "--adam-eps", "1e-3", "--lr-warmup-fraction", "0", "--length-debias", "sampo", "--log-interval", "1",
+    "--save-interval", "1000",
+]  # fmt: skip
+
+# name: (processes, flags)
+LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]),
+    "pp2_interleaved": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                            "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "dp2": (2, ["--tensor-model-parallel-size", "1"]),
+    "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+}  # fmt: skip
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards_full/margins", "logps/chosen", "grad_norm")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True):
+    run_dir = tmp / name
+    metrics = run_dir / "metrics.jsonl"
+    args = [*BASE, "--save", str(run_dir / "ckpt"), "--metrics-file", str(metrics), *flags]
+    out = run_torchrun(LAUNCH, nproc, *args, env=env, check=check)
+    return (read_metrics(metrics) if metrics.exists() else []), out
+
+
+def assert_same_steps(actual: list[dict], expected: list[dict], rel: float, keys=COMPARED):
+    assert [m["iteration"] for m in actual] == [m["iteration"] for m in expected]
+    for a, e in zip(actual, expected):
+        for key in keys:
+            assert a[key] == pytest.approx(e[key], rel=rel, abs=1e-7), (a["iteration"], key, a[key], e[key])
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baseline")
+    metrics, _ = train(tmp, "single", 1, "--tensor-model-parallel-size", "1")
+    return metrics
+
+
+def test_first_step_policy_equals_reference(baseline):
+    first = baseline[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards_full/margins"):
+        assert first[key] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-7)
+    assert baseline[-1]["rewards/margins"] != 0.0
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_reproduce_single_process(tmp_path, baseline, layout):
+    nproc, flags = LAYOUTS[layout]
+    metrics, _ = train(tmp_path, layout, nproc, *flags)
+    assert len(metrics) == 3
+    assert_same_steps(metrics, baseline, rel=1e-5)
+
+
+def test_reference_replica_is_frozen_and_unchanged(tmp_path):
+    result = tmp_path / "result.json"
+    flags = [*BASE, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2", "--train-iters", "4"]
+    run_torchrun("trainer_worker.py", 2, "--out", str(result), *flags, "--save", str(tmp_path / "ckpt"))
+    checks = json.loads(result.read_text())
+    assert checks == {key: True for key in checks} and len(checks) == 6, checks
+
+
+def small_dataset(tmp: Path, pairs: int) -> Path:
+    path = tmp / f"pairs_{pairs}.jsonl"
+    path.write_text("".join(SHIPPED.read_text().splitlines(keepends=True)[:pairs]))
+    return path
+
+
+def test_reference_cache_matches_replica(tmp_path, baseline):
+    metrics, _ = train(tmp_path, "cache", 1, "--tensor-model-parallel-size", "1", "--ref-mode", "cache")
+    assert_same_steps(metrics, baseline, rel=1e-6)
+    assert (tmp_path / "cache" / "ckpt" / "ref_cache" / "ref_logps_v0.json").exists()
+
+
+@pytest.mark.parametrize("ref_mode", ["replica", "cache"])
+def test_iterative_reference_update_restarts_rewards_each_epoch(tmp_path, ref_mode):
+    data = small_dataset(tmp_path, 16)  # 2 steps per epoch at global batch 8
+    metrics, out = train(
+        tmp_path, ref_mode, 2, "--tensor-model-parallel-size", "2", "--data-path", str(data),
+        "--ref-update", "epoch", "--ref-mode", ref_mode, "--train-iters", "6",
+    )  # fmt: skip
+    assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]
+    for m in metrics:
+        at_epoch_start = m["iteration"] % 2 == 1
+        assert (m["rewards/margins"] == 0.0 and m["rewards/chosen"] == 0.0) == at_epoch_start, m
+        if at_epoch_start:
+            assert m["loss"] == pytest.approx(math.log(2), rel=1e-7)
+    assert out.count("reference updated to the current policy") == 2
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+    flags = ["--tensor-model-parallel-size", "2", "--train-iters", "6"]
+    straight, _ = train(tmp_path, "straight", 2, *flags)
+
+    # Save at 3; at 6 the process writes the checkpoint and is SIGKILLed before the marker.
+    interrupted, out = train(
+        tmp_path, "resumed", 2, *flags, "--save-interval", "3",
+        env=torchrun_env(SAMPO_TEST_KILL_BEFORE_MARKER="6"), check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and "SIGKILL" in out.stderr + out.stdout
+    ckpt = tmp_path / "resumed" / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (ckpt / "iter_0000006").exists()  # written, never marked: must not be loaded
+    for f in (ckpt / "iter_0000006").iterdir():  # and even a torn write of it is never read
+        if f.is_file():
+            f.write_bytes(b"torn")
+
+    resumed, out = train(tmp_path, "resumed", 2, *flags, "--save-interval", "3")
+    assert "resumed from" in out and "iter_0000003 at iteration 3" in out
+    steps = [m for m in resumed if m["iteration"] > 3][-3:]
+    assert [m["iteration"] for m in steps] == [4, 5, 6]
+    assert_same_steps(steps, straight[3:], rel=1e-6, keys=COMPARED + ("lr",))
+
+
+def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path):
+    straight, _ = train(tmp_path, "tp2", 2, "--tensor-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "3")
+    source = tmp_path / "tp2" / "ckpt"
+    (source / "latest_checkpointed_iteration.txt").write_text("3\n")  # continue from step 3
+    continued, out = train(
+        tmp_path, "pp2", 2, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+        "--train-iters", "6", "--load", str(source),
+    )  # fmt: skip
+    assert "at iteration 3" in out
+    assert_same_steps(continued, straight[3:], rel=1e-5)
