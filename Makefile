@@ -24,8 +24,11 @@ $(VENV)/.installed: setup.py
 test: install
 	$(PY) -m pytest -q tests
 
+# The demo starts fresh each time: it removes its own run directory (runs/tiny_cpu) first.
 demo: install
-	$(PY) examples/loss_demo.py
+	rm -rf runs/tiny_cpu
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
+		launch/pretrain_sampo.py --config examples/tiny_cpu.yaml
 
 bench: install
 	$(PY) bench/logprobs.py

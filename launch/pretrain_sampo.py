@@ -8,11 +8,22 @@ override it.
 
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sampo_megatron.config import parse_config  # noqa: E402
 from sampo_megatron.training.trainer import Trainer  # noqa: E402
+
+
+# megatron-core's notices about missing optional GPU libraries, repeated by every rank on CPU.
+for message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "When using async grad allreduce",
+):
+    warnings.filterwarnings("ignore", message=message)
 
 
 def main() -> None:

@@ -399,6 +399,8 @@ class Trainer:
             f"TP {cfg.parallel.tensor_model_parallel_size} PP {cfg.parallel.pipeline_model_parallel_size} "
             f"DP {self.dp_size} | loss {cfg.loss.loss_type}, length debias {cfg.loss.length_debias}"
         )
+        if start >= self.train_iters:
+            self.logger.message(f"nothing to do: the checkpoint is at iteration {start} of {self.train_iters} (--train-iters)")
         for step in range(start, self.train_iters):
             metrics = self.train_step(step)
             self.logger.log(step + 1, metrics)
@@ -407,4 +409,6 @@ class Trainer:
                 self.save()
         self.logger.close()
         if cfg.logging.metrics_file:
-            self.logger.message(f"metrics: {cfg.logging.metrics_file}")
+            self.logger.message(f"metrics (one JSON object per step): {os.path.abspath(cfg.logging.metrics_file)}")
+        if cfg.checkpoint.save:
+            self.logger.message(f"checkpoints: {os.path.abspath(cfg.checkpoint.save)} (resume: run the same command again)")
