@@ -116,20 +116,25 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         else:
             grad_flat = torch.empty_like(flat)
         step, n_real = ctx.step, ctx.n_real
-        # fp32 logits overwritten in place need no workspace; otherwise one fp32 chunk is reused.
-        in_place = ctx.inplace_backward and flat.dtype == acc
-        workspace = None if in_place else torch.empty(min(step, flat.shape[0]), n_real, dtype=acc, device=flat.device)
+        # When the gradient has the accumulation dtype, each chunk is computed straight in its
+        # storage (no workspace, no extra copy); otherwise one fp32 workspace chunk is reused.
+        direct = grad_flat.dtype == acc
+        workspace = None if direct else torch.empty(min(step, flat.shape[0]), n_real, dtype=acc, device=flat.device)
         if n_real < vocab_local:
             grad_flat[:, n_real:] = 0
         for start in range(0, flat.shape[0] if n_real else 0, step):
             end = min(start + step, flat.shape[0])
             g = grad_rows[start:end]
-            chunk = flat[start:end, :n_real] if in_place else workspace[: end - start].copy_(flat[start:end, :n_real])
+            grad_chunk = grad_flat[start:end, :n_real]
+            if direct:
+                chunk = grad_chunk if ctx.inplace_backward else grad_chunk.copy_(flat[start:end, :n_real])
+            else:
+                chunk = workspace[: end - start].copy_(flat[start:end, :n_real])
             # -(softmax * g) in the accumulation dtype, then +g at the owned target.
             chunk.sub_(logsumexp[start:end, None]).exp_().mul_(-g[:, None])
             chunk.scatter_add_(1, local_target[start:end, None], (g * owned[start:end])[:, None])
-            if not in_place:
-                grad_flat[start:end, :n_real] = chunk
+            if not direct:
+                grad_chunk.copy_(chunk)
         return grad_flat.view(logits.shape), None, None, None, None, None
 
 
