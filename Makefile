@@ -33,6 +33,8 @@ demo: install
 bench: install
 	$(PY) bench/logprobs.py
 	$(PY) bench/debias_overhead.py
+	$(PY) bench/convert_memory.py
+	$(PY) bench/preprocess.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,6 +24,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py"],
-        "dev": ["pytest", "pytest-timeout"],
+        # parquet and datasets-directory readers, and the preprocessing histogram PNG (docs/data.md)
+        "data": ["pyarrow", "datasets", "matplotlib"],
+        "tensorboard": ["tensorboard"],  # --tensorboard-dir
+        "dev": ["pytest", "pytest-timeout", "pyarrow", "datasets", "matplotlib", "tensorboard"],
     },
 )

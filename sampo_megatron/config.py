@@ -22,7 +22,9 @@ from .losses.config import LossConfig
 
 @dataclass
 class ModelConfig:
-    """A Llama-style decoder (megatron-core GPTModel)."""
+    """A decoder-only transformer (megatron-core GPTModel): Llama-style by default, GPT-NeoX with
+    ``parallel_residual``, LayerNorm, GELU and ``add_bias_linear``. A converted checkpoint carries
+    these fields (``sampo_model.json``), so ``--load`` sets them."""
 
     num_layers: int = 2
     """Transformer layers."""
@@ -54,6 +56,23 @@ class ModelConfig:
     """Standard deviation of the random initialisation (when no checkpoint is loaded)."""
     transformer_impl: str = "local"
     """Layer implementation: local (megatron-core, CPU and GPU) or transformer_engine (GPU)."""
+    vocab_size: int | None = None
+    """Vocabulary of the model (embedding rows before TP padding); default: the tokenizer's size."""
+    kv_channels: int | None = None
+    """Dimension of each attention head; default: hidden size / attention heads."""
+    activation: str = "gelu"
+    """Activation of the non-gated MLP (--no-swiglu): gelu (erf) or gelu_tanh (tanh approximation)."""
+    add_bias_linear: bool = False
+    """Biases on all linear layers: QKV, attention output, both MLP layers (GPT-NeoX)."""
+    parallel_residual: bool = False
+    """GPT-NeoX parallel residual: x + attention(ln1(x)) + mlp(ln2(x))."""
+    rope_scaling: bool = False
+    """Llama 3.1 RoPE frequency scaling (low/high frequency factors 1 and 4, 8192 original positions)."""
+    rope_scaling_factor: float = 8.0
+    """Factor of the Llama 3.1 RoPE scaling."""
+    sliding_window: int | None = None
+    """Attention window of the source model (Mistral); attention here is fully causal, so
+    --seq-length must not exceed it."""
 
 
 @dataclass
@@ -113,7 +132,22 @@ class TrainingConfig:
 @dataclass
 class DataConfig:
     data_path: str | None = None
-    """JSONL file of {"prompt", "chosen", "rejected"} records."""
+    """Preference data: a .jsonl, .json or .parquet file, a datasets save_to_disk directory, or the
+    prefix of an indexed dataset written by tools/preprocess_preference_data.py (see docs/data.md)."""
+    data_format: str = "auto"
+    """Record layout of a raw file: generic (prompt/chosen/rejected), hh-rlhf, ultrafeedback, tldr;
+    auto detects it from the first record."""
+    data_split: str = "train"
+    """Split to read from a datasets DatasetDict directory."""
+    prompt_template: str = "auto"
+    """How prompts become text: the tokenizer's own chat template (tokenizer), llama3, tulu, chatml or
+    plain; auto: the tokenizer's template if it has one, else plain."""
+    on_bad_record: str = "error"
+    """error: stop at the first bad record, naming file, line and field; skip: drop bad records and
+    report the counts by reason."""
+    min_response_tokens: int = 1
+    """A pair whose responses cannot keep this many tokens (or all of a shorter one) next to the
+    prompt's protected part (BOS + chat header) within --seq-length is a bad record."""
     tokenizer_model: str | None = None
     """Hugging Face tokenizer directory or sentencepiece .model file."""
     tokenizer_type: str = "auto"
@@ -184,8 +218,12 @@ def _choices() -> dict[str, list[str]]:
         "sampo_mask": ["shared", "independent"],
         "normalization": ["RMSNorm", "LayerNorm"],
         "transformer_impl": ["local", "transformer_engine"],
+        "activation": ["gelu", "gelu_tanh"],
         "lr_decay_style": ["constant", "linear", "cosine"],
         "tokenizer_type": ["auto", "huggingface", "sentencepiece"],
+        "data_format": ["auto", "generic", "hh-rlhf", "ultrafeedback", "tldr"],
+        "prompt_template": ["auto", "tokenizer", "llama3", "tulu", "chatml", "plain"],
+        "on_bad_record": ["error", "skip"],
         "ref_mode": ["replica", "cache"],
         "ref_update": ["none", "epoch"],
     }
@@ -281,4 +319,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     for (section, name), (src_section, src_name) in _SHARED_FIELDS.items():
         if src_name in sections[src_section]:
             sections[section][name] = sections[src_section][src_name]
-    return RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()})
+    run = RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()})
+    # The flags the user set (command line or --config): a checkpoint's architecture fills only the
+    # others, and one that disagrees with a set flag is an error (models/architecture.py).
+    run.explicit_flags = frozenset(values)
+    return run

@@ -116,9 +116,20 @@ def test_shipped_assets_regenerate_identically(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     module.main(["--out-dir", str(tmp_path)])
     shipped = ROOT / "examples" / "data"
-    for rel in ("tiny_pairs.jsonl", "tiny_tokenizer/tokenizer.json", "tiny_tokenizer/tokenizer_config.json",
-                "tiny_tokenizer/special_tokens_map.json"):
+    for rel in ("tiny_pairs.jsonl", "length_bias_pairs.jsonl", "tiny_tokenizer/tokenizer.json",
+                "tiny_tokenizer/tokenizer_config.json", "tiny_tokenizer/special_tokens_map.json"):
         assert (tmp_path / rel).read_bytes() == (shipped / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.9, 1.0])
+def test_length_bias_is_controllable(monkeypatch, fraction):
+    spec = importlib.util.spec_from_file_location("make_tiny_assets", ROOT / "tools" / "make_tiny_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "make_tiny_assets", module)
+    spec.loader.exec_module(module)
+    pairs = module.make_pairs(seed=5, num_pairs=40, chosen_longer_fraction=fraction)
+    longer = sum(len(p["chosen"].split()) > len(p["rejected"].split()) for p in pairs)
+    assert longer == round(fraction * 40) and len(pairs) == 40
 
 
 def test_prompt_truncated_from_left_keeps_end(hf_tok, tmp_path):

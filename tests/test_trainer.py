@@ -58,7 +58,8 @@ def assert_same_steps(actual: list[dict], expected: list[dict], rel: float, keys
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
-    metrics, _ = train(tmp, "single", 1, "--tensor-model-parallel-size", "1")
+    metrics, _ = train(tmp, "single", 1, "--tensor-model-parallel-size", "1", "--tensorboard-dir", str(tmp / "tb"))
+    assert list((tmp / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
     return metrics
 
 
@@ -114,8 +115,17 @@ def test_iterative_reference_update_restarts_rewards_each_epoch(tmp_path, ref_mo
     assert out.count("reference updated to the current policy") == 2
 
 
-def test_resume_after_sigkill_continues_exactly(tmp_path):
-    flags = ["--tensor-model-parallel-size", "2", "--train-iters", "6"]
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--tensor-model-parallel-size", "2"],
+        # DP=2, Adam state sharded over DP: fully_reshardable save/load, per-parameter Adam steps
+        ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"],
+    ],
+    ids=["tp2", "dp2_distributed_optimizer"],
+)
+def test_resume_after_sigkill_continues_exactly(tmp_path, layout):
+    flags = [*layout, "--train-iters", "6"]
     straight, _ = train(tmp_path, "straight", 2, *flags)
 
     # Save at 3; at 6 the process writes the checkpoint and is SIGKILLed before the marker.
@@ -148,3 +158,48 @@ def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path):
     )  # fmt: skip
     assert "at iteration 3" in out
     assert_same_steps(continued, straight[3:], rel=1e-5)
+
+
+# Optional features that the local spec / CPU need help with (models/gpt.py, compat/cpu.py): they
+# must give the single-process fp32 steps like the plain layouts above.
+FEATURE_LAYOUTS = {
+    # torch norms under sequence parallelism: their gradients must be all-reduced over TP
+    "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "dp2_distributed_optimizer": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(FEATURE_LAYOUTS))
+def test_parallel_features_reproduce_single_process(tmp_path, baseline, layout):
+    nproc, flags = FEATURE_LAYOUTS[layout]
+    metrics, out = train(tmp_path, layout, nproc, *flags)
+    assert len(metrics) == 3
+    assert_same_steps(metrics, baseline, rel=1e-5)
+    assert "saved checkpoint" in out  # the final checkpoint (distributed optimizer: fully_reshardable)
+
+
+# bf16 rounds weights, activations and gradients to an 8-bit significand (unit roundoff
+# 2**-8 = 3.9e-3), while the log-softmax, the log-prob sums, the loss and Adam's master weights stay
+# fp32. A sequence log-prob sums ~25 tokens whose rounding errors partly cancel, and the loss near
+# log 2 moves by beta/2 per unit of margin, so both stay well inside 2 bf16 ulps (2**-7 = 7.8e-3;
+# measured: <= 2e-3). Margins are differences of nearly equal log-probs: compared absolutely, at a
+# quarter of their size here (measured: <= 4e-3). fp32 layouts agree to ~1e-7 instead.
+BF16_REL = 2**-7
+BF16_MARGIN_ABS = 2e-2
+
+
+def test_bf16_trains_within_bf16_rounding_of_fp32(tmp_path, baseline):
+    metrics, out = train(tmp_path, "bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    # policy and reference are the same bf16 model at step 1
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-7)
+    assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["rewards/chosen"] == 0.0
+    for a, e in zip(metrics, baseline):
+        for key in ("loss", "logps/chosen", "logps/rejected", "logps_full/chosen"):
+            assert a[key] == pytest.approx(e[key], rel=BF16_REL), (a["iteration"], key, a[key], e[key])
+        for key in ("rewards/margins", "rewards_full/margins"):
+            assert a[key] == pytest.approx(e[key], abs=BF16_MARGIN_ABS), (a["iteration"], key, a[key], e[key])
+    assert metrics[-1]["rewards/margins"] != 0.0  # the updates were applied
+    # and the run really was bf16: its log-probs are off fp32 by far more than fp32 summation order
+    assert max(abs(a["logps/chosen"] / e["logps/chosen"] - 1) for a, e in zip(metrics, baseline)) > 2e-5
+    assert "saved checkpoint" in out  # the bf16 optimizer's checkpoint (fp32 main params)

@@ -7,11 +7,18 @@
   65% of the pairs the chosen response is the longer one (a correct answer with explanation against
   a terse wrong one); in the rest the chosen answer is concise and the rejected one is padded, so a
   length-biased objective has something to get wrong.
-- ``tiny_tokenizer/``: a word-level ``tokenizers`` tokenizer trained on that text, saved as a
+- ``length_bias_pairs.jsonl``: the same kind of pairs with a controllable length bias: the
+  chosen response is the longer one (by >= 2 words) in exactly ``--length-bias-fraction`` of the
+  pairs (default 0.9, a strongly length-biased set; 0.5 is unbiased, 0.1 favours short answers).
+  ``tools/preprocess_preference_data.py --split-by-length long short`` splits it like the paper's
+  UltraFeedback long/short subsets.
+- ``tiny_tokenizer/``: a word-level ``tokenizers`` tokenizer trained on ``tiny_pairs.jsonl`` and the
+  template words (so every generated pair, of either set, is in vocabulary), saved as a
   Hugging Face tokenizer directory (loads with ``transformers.AutoTokenizer``), special tokens
   ``<pad>`` ``<s>`` ``</s>`` ``<unk>`` with ids 0-3.
 
-Usage: ``python tools/make_tiny_assets.py [--out-dir examples/data] [--seed 0] [--num-pairs 256]``
+Usage: ``python tools/make_tiny_assets.py [--out-dir examples/data] [--seed 0] [--num-pairs 256]
+[--length-bias-fraction 0.9] [--length-bias-pairs 256]``
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def number_word(n: int) -> str:
-    """English words for 0..100."""
+    """English words for 0..102 (ten times ten, and a wrong answer just above it)."""
     if n < 20:
         return ONES[n]
-    if n == 100:
-        return "one hundred"
+    if n >= 100:
+        return "one hundred" + ("" if n == 100 else " " + ONES[n - 100])
     tens, ones = divmod(n, 10)
     return TENS[tens] + ("" if ones == 0 else "-" + ONES[ones])
 
@@ -218,10 +225,13 @@ def make_pair(rng: random.Random, chosen_longer: bool) -> dict[str, str]:
             return {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text}
 
 
-def make_pairs(seed: int, num_pairs: int) -> list[dict[str, str]]:
-    """``num_pairs`` records, exactly ``round(0.65 * num_pairs)`` of them with the longer chosen."""
+def make_pairs(seed: int, num_pairs: int, chosen_longer_fraction: float = CHOSEN_LONGER_FRACTION) -> list[dict[str, str]]:
+    """``num_pairs`` records, exactly ``round(chosen_longer_fraction * num_pairs)`` of them with the
+    longer chosen response (the length bias of the set)."""
+    if not 0.0 <= chosen_longer_fraction <= 1.0:
+        raise ValueError(f"chosen_longer_fraction must be in [0, 1], got {chosen_longer_fraction}")
     rng = random.Random(seed)
-    n_longer = round(CHOSEN_LONGER_FRACTION * num_pairs)
+    n_longer = round(chosen_longer_fraction * num_pairs)
     flags = [True] * n_longer + [False] * (num_pairs - n_longer)
     rng.shuffle(flags)
     return [make_pair(rng, flag) for flag in flags]
@@ -256,6 +266,12 @@ def train_tokenizer(lines: list[str]) -> Tokenizer:
     return tok
 
 
+def write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=True) + "\n")
+
+
 def write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -283,26 +299,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "examples", "data"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-pairs", type=int, default=256)
+    parser.add_argument("--length-bias-fraction", type=float, default=0.9,
+                        help="share of length_bias_pairs.jsonl whose chosen response is the longer one")
+    parser.add_argument("--length-bias-pairs", type=int, default=256)
     args = parser.parse_args(argv)
 
     pairs = make_pairs(args.seed, args.num_pairs)
+    biased = make_pairs(args.seed + 1, args.length_bias_pairs, args.length_bias_fraction)
+    # Trained on the first set only: the ids (and so every shipped result) do not move when the
+    # length-biased set changes; its text comes from the same templates, checked below.
     tok = train_tokenizer(corpus(pairs))
     vocab = tok.get_vocab_size()
     assert vocab <= MAX_VOCAB, vocab
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
     unk = tok.token_to_id("<unk>")
-    longer = 0
-    for r in pairs:
-        ids = {k: tok.encode(r[k]).ids for k in ("prompt", "chosen", "rejected")}
-        assert all(unk not in v for v in ids.values()), r
-        longer += len(ids["chosen"]) > len(ids["rejected"])
+    shares = {}
+    for name, records in (("tiny_pairs.jsonl", pairs), ("length_bias_pairs.jsonl", biased)):
+        longer = 0
+        for r in records:
+            ids = {k: tok.encode(r[k]).ids for k in ("prompt", "chosen", "rejected")}
+            assert all(unk not in v for v in ids.values()), f"{name}: out-of-vocabulary word in {r}"
+            longer += len(ids["chosen"]) > len(ids["rejected"])
+        shares[name] = longer / len(records)
 
     os.makedirs(args.out_dir, exist_ok=True)
     save_hf_dir(tok, os.path.join(args.out_dir, "tiny_tokenizer"))
-    with open(os.path.join(args.out_dir, "tiny_pairs.jsonl"), "w", encoding="utf-8") as f:
-        for r in pairs:
-            f.write(json.dumps(r, ensure_ascii=True) + "\n")
-    print(f"wrote {len(pairs)} pairs (chosen longer in tokens: {longer / len(pairs):.1%}), "
+    for name, records in (("tiny_pairs.jsonl", pairs), ("length_bias_pairs.jsonl", biased)):
+        write_jsonl(os.path.join(args.out_dir, name), records)
+    print(f"wrote {len(pairs)} pairs (chosen longer in tokens: {shares['tiny_pairs.jsonl']:.1%}), "
+          f"{len(biased)} length-biased pairs (chosen longer in tokens: {shares['length_bias_pairs.jsonl']:.1%}), "
           f"vocab {vocab}, to {os.path.normpath(args.out_dir)}")
 
 

@@ -25,8 +25,10 @@ The patches are of four kinds, all listed in tables below with the megatron file
 
 Exercised by ``tests/test_cpu_compat.py``: TP, PP, TPxPP, tied embeddings, megatron DDP with
 ``finalize_model_grads``, the non-distributed and the distributed optimizer with clipping, and a
-fully parallel ``torch_dist`` checkpoint save/load. Not patched (they still need CUDA): fp16/bf16
-mixed-precision optimizers and the grad scaler, CUDA graphs, inference KV caches, several
+fully parallel ``torch_dist`` checkpoint save/load; and by ``tests/test_trainer.py``: the bf16
+optimizer (``Float16OptimizerWithFloat16Params``) and distributed-optimizer checkpoints with save
+and resume. The fp16 dynamic grad scaler is patched too (overflow check, all-reduce and scaler state
+run on CPU). Not patched (they still need CUDA): CUDA graphs, inference KV caches, several
 distributed-optimizer instances (CUDA streams), async checkpoint save (``async_utils.py``).
 On gloo, interleaved pipelines need ``batch_p2p_comm=False`` (the batched path gave wrong
 gradients, see ``/work/shared/notes/megatron-core-on-cpu.md``); that is a config choice, not a
@@ -171,6 +173,10 @@ _SHIMMED_MODULES: dict[str, str] = {
         "FP32Optimizer._scale use device='cuda'; optimizer.py:1141 "
         "ChainedOptimizer.get_loss_scale on current_device()"
     ),
+    "megatron.core.optimizer.grad_scaler": (
+        "grad_scaler.py:15,88,91,94 loss-scale tensors with device='cuda' (--fp16 dynamic scaler); "
+        "grad_scaler.py:140 load_state_dict moves the scale to current_device()"
+    ),
     "megatron.core.optimizer.clip_grads": (
         "clip_grads.py:90,103,115,174,207 norm/overflow/zero-count tensors with device='cuda'"
     ),
@@ -303,6 +309,26 @@ _CUDA_VIEW_FUNCTIONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         (),
         "distrib_optimizer.py:361,420,582 (via _build_model_and_main_param_groups) accept only "
         "'torch.cuda.*Tensor' params and raise TypeError for CPU ones",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        (),
+        "distrib_optimizer.py:1089 send_tensor.cuda() before gathering the optimizer state over DP "
+        "(fully_reshardable checkpoint save, trainer --use-distributed-optimizer)",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params.__init__",
+        (),
+        "optimizer.py:671,690 accept only 'torch.cuda.*Tensor' params and raise TypeError for CPU "
+        "ones (--bf16 / --fp16 without the distributed optimizer)",
+    ),
+    (
+        "megatron.core.optimizer.grad_scaler",
+        "DynamicGradScaler.load_state_dict",
+        (),
+        "grad_scaler.py:140 state_dict['scale'].cuda(current_device()) when resuming --fp16",
     ),
     (
         "megatron.core.optimizer.clip_grads",

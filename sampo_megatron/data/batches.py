@@ -6,7 +6,8 @@ and gets exactly the data an uninterrupted run would have seen, without replayin
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ class PairDataset:
     def __init__(self, pairs: Sequence[PreferencePair], seed: int) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.pairs = list(pairs)
+        # A lazy sequence (an indexed dataset) stays lazy; anything else is copied into a list.
+        self.pairs = pairs if isinstance(pairs, Sequence) else list(pairs)
         self.seed = int(seed)
 
     def __len__(self) -> int:

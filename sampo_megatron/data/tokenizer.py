@@ -7,6 +7,8 @@ wrapped in :class:`Tokenizer` rather than leaking their different APIs into the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +34,11 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens are kept, so round trips are visible)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids (vocabulary, merges, normalisation, specials):
+        data tokenised with one tokenizer must not be trained with another."""
         ...
 
 
@@ -61,6 +68,8 @@ class HuggingFaceTokenizer:
         self.pad_id: int = self.eos_id if pad is None else int(pad)
         # len() counts added tokens too, which vocab_size does not.
         self.vocab_size: int = len(self._tok)
+        self.chat_template: str | None = getattr(self._tok, "chat_template", None) or None
+        """The Jinja chat template from tokenizer_config.json, if any."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS or any post-processor template."""
@@ -69,6 +78,16 @@ class HuggingFaceTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``, special tokens included."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The tokenizer's own chat template rendered as text (not tokenised)."""
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def fingerprint(self) -> str:
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        definition = backend.to_str() if backend is not None else json.dumps(sorted(self._tok.get_vocab().items()))
+        specials = [self.vocab_size, self.bos_id, self.eos_id, self.pad_id]
+        return hashlib.sha256((definition + json.dumps(specials)).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
@@ -96,6 +115,7 @@ class SentencePieceTokenizer:
         pad = self._sp.pad_id()
         self.pad_id: int = self.eos_id if pad < 0 else int(pad)
         self.vocab_size: int = int(self._sp.get_piece_size())
+        self.chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (sentencepiece adds no BOS/EOS unless asked)."""
@@ -104,6 +124,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``."""
         return self._sp.decode(list(ids))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"

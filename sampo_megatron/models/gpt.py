@@ -1,7 +1,10 @@
-"""megatron-core GPTModel builders for Llama-style decoders (RMSNorm, SwiGLU, RoPE, GQA)."""
+"""megatron-core GPTModel builders: Llama-style decoders (RMSNorm, SwiGLU, RoPE, GQA) and GPT-NeoX
+(LayerNorm, GELU, biases, partial rotary, parallel residual)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import torch
@@ -16,13 +19,54 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def model_vocab_sizes(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -> tuple[int, int]:
+    """The model's vocabulary and its TP-padded embedding rows.
+
+    A checkpoint padded for another TP size still loads: megatron-core loads embedding and output
+    rows with ``allow_shape_mismatch`` (the overlap is read, the rest is zero), and rows past the
+    vocabulary are padding either way.
+
+    Args:
+        model: architecture; ``vocab_size`` comes from a converted checkpoint.
+        tokenizer_vocab_size: ids the tokenizer can produce.
+        tp_size: tensor-parallel size.
+
+    Returns:
+        ``(vocab, padded)``: the columns of the softmax (the padding columns are left out of it),
+        and the rows of the embedding and output layer.
+    """
+    vocab = model.vocab_size or tokenizer_vocab_size
+    if tokenizer_vocab_size > vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab_size} ids but the model's vocabulary has only {vocab} "
+            "(--vocab-size, or the checkpoint's sampo_model.json): use the model's own tokenizer"
+        )
+    return vocab, padded_vocab_size(vocab, model.make_vocab_size_divisible_by, tp_size)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (HF ``gelu_new``, ``gelu_fast``, ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def activation_func(model: ModelConfig):
+    """The MLP activation: SiLU (gated, SwiGLU) or a GELU."""
+    if model.swiglu:
+        return F.silu
+    if model.activation == "gelu":
+        return F.gelu
+    if model.activation == "gelu_tanh":
+        return gelu_tanh
+    raise ValueError(f"unknown --activation {model.activation!r}: expected gelu or gelu_tanh")
+
+
 def ffn_hidden_size(model: ModelConfig) -> int:
     if model.ffn_hidden_size is not None:
         return model.ffn_hidden_size
     if not model.swiglu:
         return 4 * model.hidden_size
-    # Llama: 2/3 of 4h, rounded up to a multiple of 64.
-    return int(64 * math.ceil(int(8 * model.hidden_size / 3) / 64))
+    # Llama: 2/3 of 4h, rounded up to a multiple of 256 (its multiple_of).
+    return int(256 * math.ceil(int(8 * model.hidden_size / 3) / 256))
 
 
 def params_dtype(training: TrainingConfig) -> torch.dtype:
@@ -52,11 +96,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
         ffn_hidden_size=ffn_hidden_size(model),
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.kv_channels,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.swiglu,
-        activation_func=F.silu if model.swiglu else F.gelu,
-        add_bias_linear=False,
+        activation_func=activation_func(model),
+        add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -84,7 +129,17 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
 
 
 def layer_spec(model: ModelConfig):
-    """Transformer Engine spec when asked for (GPU), megatron-core's local spec otherwise."""
+    """Transformer Engine spec when asked for (GPU), megatron-core's local spec otherwise; with
+    ``parallel_residual`` its layer is :class:`ParallelResidualTransformerLayer`."""
+    spec = _base_layer_spec(model)
+    if model.parallel_residual:
+        from .parallel_residual import ParallelResidualTransformerLayer
+
+        spec = dataclasses.replace(spec, module=ParallelResidualTransformerLayer)
+    return spec
+
+
+def _base_layer_spec(model: ModelConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if model.transformer_impl == "transformer_engine":
@@ -98,6 +153,62 @@ def layer_spec(model: ModelConfig):
             ) from err
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's torch norm (``WrappedTorchNorm``: ``torch.nn.LayerNorm`` / ``RMSNorm``) with
+    sequence parallelism.
+
+    ``WrappedTorchNorm`` (what the local spec uses for RMSNorm, and for LayerNorm without Apex)
+    asserts on ``sequence_parallel`` (``transformer/torch_norm.py:32``). A norm acts per token, so its
+    forward is already right on a sequence-sharded input; only its parameters' gradients are partial
+    sums over each TP rank's tokens. Marking the parameters ``sequence_parallel`` (as Apex's
+    ``FusedLayerNorm`` and TE's norms do) makes ``finalize_model_grads`` all-reduce them over TP
+    (``distributed/finalize_model_grads.py:354``).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        local = copy.copy(config)  # WrappedTorchNorm's checks minus sequence parallelism
+        local.sequence_parallel = False
+        norm = WrappedTorchNorm(local, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_sequence_parallel_norms(spec, config, vp_stage: int | None):
+    """The block spec for ``spec``'s layers with every ``WrappedTorchNorm`` (the layers' and the
+    final norm, which megatron-core picks itself, ``transformer_block.py:258``) replaced by
+    :class:`SequenceParallelTorchNorm`. Specs whose norms support sequence parallelism (Transformer
+    Engine, Apex) are returned unchanged."""
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    submodules = spec.submodules
+    norms = {f.name: SequenceParallelTorchNorm for f in dataclasses.fields(submodules) if getattr(submodules, f.name) is WrappedTorchNorm}
+    final_norm = transformer_block.LayerNormImpl
+    if not norms and final_norm is not WrappedTorchNorm:
+        return spec
+    layer = dataclasses.replace(spec, submodules=dataclasses.replace(submodules, **norms))
+    return transformer_block.TransformerBlockSubmodules(
+        layer_specs=[layer] * transformer_block.get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelTorchNorm if final_norm is WrappedTorchNorm else final_norm,
+    )
+
+
+def _cast_float32_params(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give fp32 parameters of a bf16/fp16 model the model's dtype, as Megatron-LM's ``Float16Module``
+    does: the local spec's torch (and Apex) norms are built in fp32 whatever ``params_dtype`` says,
+    and megatron's fp16/bf16 optimizer cannot checkpoint fp32 parameters of a 16-bit model
+    (``optimizer.py:812`` maps only its float16 groups: "Param id .. does not match any model
+    sharded param")."""
+    if dtype == torch.float32:
+        return
+    for param in chunk.parameters():
+        if param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
 
 
 def build_model_chunks(
@@ -114,6 +225,12 @@ def build_model_chunks(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if model.sliding_window is not None and seq_length > model.sliding_window:
+        raise ValueError(
+            f"--seq-length {seq_length} exceeds the model's attention window ({model.sliding_window} "
+            "tokens, sliding_window): attention here is fully causal, which equals the windowed "
+            "attention only for sequences within the window"
+        )
     spec = layer_spec(model)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -121,7 +238,7 @@ def build_model_chunks(
         stage = vp_stage if vp_size else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_with_sequence_parallel_norms(spec, config, stage) if config.sequence_parallel else spec,
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -130,8 +247,11 @@ def build_model_chunks(
             position_embedding_type="rope",
             rotary_percent=model.rotary_percent,
             rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=stage,
         )
         chunk.vp_stage = stage
+        _cast_float32_params(chunk, config.params_dtype)
         chunks.append(chunk)
     return chunks

@@ -12,6 +12,7 @@ run directory (follows the marker) or one ``iter_*``/converted checkpoint direct
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
     if contents.reference_chunks is not None:
         state["reference"] = model_sharded_state_dict(contents.reference_chunks, prefix="reference.")
     if contents.optimizer is not None:
+        _allocate_torch_adam_state(contents.optimizer)
         state["optimizer"] = contents.optimizer.sharded_state_dict(
             state, is_loading=loading, metadata=OPTIMIZER_METADATA
         )
@@ -111,8 +113,14 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None) -> str:
+def save_checkpoint(
+    save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None, finish=None
+) -> str:
     """Write ``iter_XXXXXXX`` on all ranks, then (rank 0) point the marker at it.
+
+    Args:
+        finish: called on rank 0 with the checkpoint directory once its tensors are written and
+            before the marker moves, for files that belong to the checkpoint.
 
     Returns:
         The checkpoint directory.
@@ -125,6 +133,8 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
     dist.barrier()
     dist_checkpointing.save(_sharded_state(chunks, contents, loading=False), ckpt, _strategies(None, dp_group))
     _stop_writer_manager()
+    if finish is not None and dist.get_rank() == 0:
+        finish(ckpt)  # extra files (the architecture) belong to the checkpoint, so before the marker
     dist.barrier()
     if os.environ.get(_KILL_BEFORE_MARKER_ENV) == str(iteration):
         import signal
@@ -183,10 +193,96 @@ def load_checkpoint(ckpt_dir: str, chunks, contents: CheckpointContents, dp_grou
     if contents.reference_chunks is not None:
         load_model_state(contents.reference_chunks, state["reference"])
     if contents.optimizer is not None:
-        contents.optimizer.load_state_dict(state["optimizer"])
+        _restore_zero_adam_step(contents.optimizer, state["optimizer"])
+        with _adam_steps_set_aside(contents.optimizer):
+            contents.optimizer.load_state_dict(state["optimizer"])
         _untie_adam_steps(contents.optimizer)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     return {k: common[k] for k in ("run_state", "scheduler") if k in common}
+
+
+def _torch_adams(optimizer, distributed_only: bool = False) -> list:
+    """The megatron optimizers in ``optimizer`` that run torch's Adam (no Apex / TE fused Adam).
+
+    torch's Adam keeps a per-parameter ``step`` tensor in its state and allocates its state lazily;
+    megatron-core (0.16.1) mishandles both in the places the helpers below fix. With TE's or Apex's
+    Adam (the usual GPU set-up) there is no such ``step`` and none of them acts.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [
+        inner
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(getattr(inner, "optimizer", None), torch.optim.Adam)
+        and (isinstance(inner, DistributedOptimizer) or not distributed_only)
+    ]
+
+
+def _allocate_torch_adam_state(optimizer) -> None:
+    """Allocate torch Adam's state where it is still empty, as its first step would: zero moments,
+    ``step`` 0. A no-op once the optimizer has stepped.
+
+    Empty state happens in a freshly built optimizer that is about to load, and at a save before
+    any successful step (fp16 skips its first steps while the loss scale backs off from 2**32).
+    Without it the distributed optimizer's ``state_dict()`` asserts (distrib_optimizer.py:642), and
+    the other optimizers save no moments but expect them at load (a ``KeyError`` on
+    ``optimizer.state.exp_avg...``).
+    """
+    for inner in _torch_adams(optimizer):
+        adam = inner.optimizer
+        if len(adam.state) == 0:
+            inner.init_state_fn(adam, inner.config)  # exp_avg, exp_avg_sq
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    adam.state[param]["step"] = torch.tensor(0.0)
+
+
+def _restore_zero_adam_step(optimizer, loaded: dict) -> None:
+    """Put back a zero Adam ``step`` that the non-distributed optimizers did not save.
+
+    They save the step shared by all parameters as ``common_step`` only when it is non-zero
+    (optimizer.py:845), and torch's Adam refuses moments without a step (adam.py:127,
+    ``KeyError: 'step'``): a checkpoint written before the first successful step (fp16 skips its
+    first steps while the loss scale backs off) would not load.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(inners) == 1 else [loaded[k] for k in sorted(loaded)]
+    adams = _torch_adams(optimizer)
+    for inner, state in zip(inners, states):
+        torch_state = state.get("optimizer", {}).get("state") if inner in adams and isinstance(state, dict) else None
+        if torch_state and "common_step" not in torch_state and not any("step" in s for s in torch_state.values()):
+            torch_state["common_step"] = torch.tensor(0.0)
+
+
+@contextlib.contextmanager
+def _adam_steps_set_aside(optimizer):
+    """Keep torch Adam's ``step`` out of the parameter-state load.
+
+    ``load_state_dict`` first restores ``step`` from the param groups, then loads the per-parameter
+    tensors by copying every key of a parameter's Adam state from the checkpoint
+    (distrib_optimizer.py:940), where ``step`` is absent: ``KeyError: 'step'``. The steps are
+    removed for that part of the load and put back unchanged afterwards.
+    """
+    patched = []
+    for inner in _torch_adams(optimizer, distributed_only=True):
+        name = "load_parameter_state_from_" + OPTIMIZER_METADATA["distrib_optim_sharding_type"]
+        original = getattr(inner, name)
+
+        def load_without_steps(state_dict, *, _adam=inner.optimizer, _original=original):
+            steps = {param: s.pop("step") for param, s in _adam.state.items() if "step" in s}
+            try:
+                return _original(state_dict)
+            finally:
+                for param, step in steps.items():
+                    _adam.state[param]["step"] = step
+
+        setattr(inner, name, load_without_steps)  # an instance attribute, removed below
+        patched.append((inner, name))
+    try:
+        yield
+    finally:
+        for inner, name in patched:
+            delattr(inner, name)
 
 
 def _untie_adam_steps(optimizer) -> None:
@@ -196,11 +292,8 @@ def _untie_adam_steps(optimizer) -> None:
     all parameters one shared ``step`` tensor, which Adam then advances once per parameter: the next
     update is silently wrong. Copies make each advance once per step again.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(inner, "optimizer", None)
-        if torch_opt is None:
-            continue
-        for param_state in torch_opt.state.values():
+    for inner in _torch_adams(optimizer):
+        for param_state in inner.optimizer.state.values():
             step = param_state.get("step")
             if isinstance(step, torch.Tensor):
                 param_state["step"] = step.clone()

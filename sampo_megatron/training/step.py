@@ -24,6 +24,8 @@ class StepContext:
     vocab_size: int
     """Real vocabulary size: the TP padding columns are left out of the softmax."""
     reward_mean: RunningMean | None = None
+    cp_group: object = None
+    """Context-parallel group: the micro-batch holds this rank's slice of each sequence."""
 
 
 def _model_logits(batch: dict, model) -> torch.Tensor:
@@ -48,11 +50,15 @@ def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
     # The logits are not needed after this op, so its backward may overwrite them with the gradient.
     logps = token_logprobs(batch, logits, ctx, inplace_backward=True)
     out = preference_loss(
-        PreferenceInputs(logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps")),
+        PreferenceInputs(
+            logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps"),
+            response_index=batch.get("response_index"),
+        ),
         ctx.loss,
         epoch=batch["epoch"],
+        cp_group=ctx.cp_group,
         reward_mean=ctx.reward_mean,
-    )
+    )  # fmt: skip
     loss = out.losses.mean()
     # Sums over this micro-batch's pairs; the trainer divides by the global pair count.
     # (The schedule divides `loss` in place, so the metrics must not alias it.)

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..data import PairBatches, PairDataset, load_tokenizer, read_pairs_jsonl
+from ..data import DataOptions, PairBatches, PairDataset, load_pairs, load_tokenizer
 from ..losses import LOSSES, RunningMean
-from ..models.gpt import build_model_chunks, padded_vocab_size, transformer_config
+from ..models.architecture import adopt_architecture, run_architecture, write_architecture
+from ..models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
 from ..models.weights import initialize_deterministically
 from .checkpointing import CheckpointContents, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import MetricsLogger
@@ -61,6 +62,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self._adopt_checkpoint_architecture()
         _init_distributed()
         from ..compat import apply_cpu_compat
 
@@ -94,11 +96,13 @@ class Trainer:
         self._build_optimizer()
         self.state = RunState()
         self.reward_mean = RunningMean(group=parallel_state.get_data_parallel_group())
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         self.ctx = StepContext(
             loss=cfg.loss,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
-            vocab_size=self.tokenizer.vocab_size,
+            vocab_size=self.vocab_size,
             reward_mean=self.reward_mean,
+            cp_group=parallel_state.get_context_parallel_group() if self.cp_size > 1 else None,
         )
         self._load_or_init()
         self.logger = MetricsLogger(
@@ -106,14 +110,27 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------- set-up
+    def _adopt_checkpoint_architecture(self) -> None:
+        """A checkpoint with ``sampo_model.json`` (converted, or saved by this trainer) sets the model
+        architecture and, unless given, the tokenizer: no architecture flags to repeat."""
+        cfg = self.cfg
+        paths = {"--save": cfg.checkpoint.save, "--load": cfg.checkpoint.load, "--ref-load": cfg.reference.ref_load}
+        sources = {flag: resolve_checkpoint(path) for flag, path in paths.items() if path and os.path.isdir(path)}
+        self.architecture = adopt_architecture(cfg.model, getattr(cfg, "explicit_flags", None), sources)
+        if self.architecture is not None and cfg.data.tokenizer_model is None:
+            cfg.data.tokenizer_model = self.architecture.tokenizer
+
     def _check_config(self) -> None:
         cfg = self.cfg
         if cfg.data.data_path is None or cfg.data.tokenizer_model is None:
             raise ValueError("--data-path and --tokenizer-model are required")
         if LOSSES[cfg.loss.loss_type].needs_token_kl:
             raise ValueError(f"--loss-type {cfg.loss.loss_type} (TDPO) is not supported by the trainer yet")
-        if cfg.parallel.context_parallel_size > 1 and cfg.model.transformer_impl != "transformer_engine":
+        cp = cfg.parallel.context_parallel_size
+        if cp > 1 and cfg.model.transformer_impl != "transformer_engine":
             raise ValueError("--context-parallel-size > 1 needs --transformer-impl transformer_engine (megatron-core CP)")
+        if cfg.training.seq_length % (2 * cp):
+            raise ValueError(f"--seq-length {cfg.training.seq_length} must be divisible by 2 x --context-parallel-size {cp}")
         if cfg.reference.ref_mode == "cache" and cfg.reference.ref_cache_dir is None and cfg.checkpoint.save is None:
             raise ValueError("--ref-mode cache needs --ref-cache-dir or --save (the cache goes to <save>/ref_cache)")
         if cfg.training.train_iters is None and cfg.training.train_epochs is None:
@@ -122,7 +139,18 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-        pairs = read_pairs_jsonl(cfg.data.data_path, self.tokenizer, cfg.training.seq_length)
+        try:  # a tokenizer bigger than the model is a set-up error: say so before reading any data
+            model_vocab, _ = model_vocab_sizes(cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+        except ValueError as e:
+            raise ValueError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
+        d = cfg.data
+        options = DataOptions(
+            cfg.training.seq_length, d.data_format, d.prompt_template, d.on_bad_record, d.min_response_tokens,
+            d.data_split, model_vocab_size=model_vocab,
+        )  # fmt: skip
+        pairs, bad_records, source = load_pairs(d.data_path, self.tokenizer, options)
+        if dist.get_rank() == 0:
+            print(f"data: {source}\ndata: {bad_records.summary(len(pairs))}", flush=True)
         self.batches = PairBatches(PairDataset(pairs, cfg.training.seed), cfg.training.global_batch_size, cfg.training.seq_length, self.tokenizer.pad_id)
         self.num_pairs = len(pairs)
         tr = cfg.training
@@ -138,7 +166,7 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         cfg = self.cfg
-        self.vocab_padded = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+        self.vocab_size, self.vocab_padded = model_vocab_sizes(cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
         self.chunks = build_model_chunks(cfg.model, self.tconfig, self.vocab_padded, cfg.training.seq_length)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -230,7 +258,7 @@ class Trainer:
         dp_group = self.ps.get_data_parallel_group(with_context_parallel=True)
 
         if ckpt is None:
-            initialize_deterministically(self.chunks, seed=cfg.training.seed, vocab_size=self.tokenizer.vocab_size)
+            initialize_deterministically(self.chunks, seed=cfg.training.seed, vocab_size=self.vocab_size)
             self.state.reference_source = {"kind": "init", "seed": cfg.training.seed}
         elif not resuming:
             load_checkpoint(ckpt, self.chunks, CheckpointContents(), dp_group)
@@ -264,7 +292,7 @@ class Trainer:
         elif source["kind"] == "checkpoint":
             load_checkpoint(source["path"], chunks, CheckpointContents(), dp_group)
         elif source["kind"] == "init":
-            initialize_deterministically(chunks, seed=source["seed"], vocab_size=self.tokenizer.vocab_size)
+            initialize_deterministically(chunks, seed=source["seed"], vocab_size=self.vocab_size)
         else:
             raise ValueError(f"unknown reference source {source}")
 
@@ -308,7 +336,12 @@ class Trainer:
         if self.cache is not None:
             if self.is_last_stage:
                 for batch in micro_batches:
-                    batch["ref_logps"] = self.cache.lookup(self.state.reference_version, batch["sample_ids"]).to(batch["tokens"].device)
+                    ref_logps = self.cache.lookup(self.state.reference_version, batch["sample_ids"]).to(batch["tokens"].device)
+                    if self.cp_size > 1:
+                        from megatron.core.utils import get_batch_on_this_cp_rank
+
+                        ref_logps = get_batch_on_this_cp_rank({"ref_logps": ref_logps})["ref_logps"]
+                    batch["ref_logps"] = ref_logps
             return
         outputs = forward_only_logps(self.reference, micro_batches, self.ctx, self.cfg.training.seq_length)
         if outputs is not None:
@@ -323,7 +356,20 @@ class Trainer:
             for key, value in batch.items():
                 batch[key] = value.to(device)
             batch["epoch"] = epoch
+            if self.cp_size > 1:
+                self._slice_for_context_parallel(batch)
         return epoch, micro_batches
+
+    def _slice_for_context_parallel(self, batch: dict) -> None:
+        """Keep this CP rank's part of the sequence (megatron-core's load-balanced 2 x CP split);
+        positions inside each response are numbered over the whole sequence first, so the
+        down-sampling draw and the sums over CP ranks see the full responses."""
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        mask = batch["response_mask"]
+        batch["response_index"] = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)
+        keys = ("tokens", "labels", "position_ids", "response_mask", "response_index")
+        batch.update(get_batch_on_this_cp_rank({k: batch[k] for k in keys}))
 
     def _reduce_metrics(self, losses_reduced: list[dict]) -> dict[str, float]:
         if not self.is_last_stage:
@@ -385,6 +431,10 @@ class Trainer:
             self.chunks,
             self._contents(with_optimizer=True, with_reference=with_reference),
             self.ps.get_data_parallel_group(with_context_parallel=True),
+            # the architecture, for --load without flags and for the HF export
+            finish=lambda ckpt: write_architecture(
+                ckpt, run_architecture(self.cfg, self.vocab_size, self.architecture, self.tconfig.params_dtype)
+            ),
         )
         self.logger.message(f"saved checkpoint {ckpt}")
         return ckpt

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sampo_megatron.compat import apply_cpu_compat, model_parallel_manual_seed
+from sampo_megatron.models import weights
 
 if TYPE_CHECKING:  # megatron is imported only after the compat check in main()
     from megatron.core.distributed import DistributedDataParallel
@@ -77,51 +78,11 @@ def full_weight(name: str, shape: torch.Size) -> torch.Tensor:
     return 0.05 * noise
 
 
-def global_param_names(model: torch.nn.Module) -> dict[str, str]:
-    """Map the local parameter names of a (pipeline-stage) GPTModel to global, TP1/PP1 names."""
-    names = {}
-    for local_name, _ in model.named_parameters():
-        name = local_name
-        if local_name.startswith("decoder.layers."):
-            index, rest = local_name[len("decoder.layers.") :].split(".", 1)
-            layer_number = model.decoder.layers[int(index)].layer_number  # global, 1-based
-            name = f"decoder.layers.{layer_number - 1}.{rest}"
-        names[local_name] = name
-    return names
-
-
-def is_glu_fc1(name: str, param: torch.Tensor) -> bool:
-    """SwiGLU fc1 holds [gate; up]; each TP rank holds [gate shard; up shard], not one slice."""
-    return name.endswith("mlp.linear_fc1.weight") and getattr(param, "tensor_model_parallel", False)
-
-
-def shard_of(
-    full: torch.Tensor, name: str, param: torch.Tensor, rank: int, size: int
-) -> torch.Tensor:
-    """This TP rank's shard of a full tensor, in megatron's layout for ``param``."""
-    if not getattr(param, "tensor_model_parallel", False) or size == 1:
-        return full
-    dim = param.partition_dim
-    if is_glu_fc1(name, param):
-        return torch.cat([half.chunk(size, dim)[rank] for half in full.chunk(2, dim)], dim)
-    return full.chunk(size, dim)[rank]
-
-
 def gather_full(local: torch.Tensor, name: str, param: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`shard_of`: all-gather over the TP group and undo the GLU layout."""
+    """The full tensor of this rank's shard (all TP ranks take part)."""
     from megatron.core import parallel_state
 
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    if not getattr(param, "tensor_model_parallel", False) or size == 1:
-        return local.detach().clone()
-    parts = [torch.empty_like(local) for _ in range(size)]
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    dist.all_gather(parts, local.detach().contiguous(), group=tp_group)
-    dim = param.partition_dim
-    if is_glu_fc1(name, param):
-        gates, ups = zip(*(p.chunk(2, dim) for p in parts))
-        return torch.cat([*gates, *ups], dim)
-    return torch.cat(parts, dim)
+    return weights.gather_full(local, name, param, parallel_state.get_tensor_model_parallel_group(), gated=True)
 
 
 def make_batches() -> list[dict[str, torch.Tensor]]:
@@ -179,20 +140,14 @@ def build_model(config: TransformerConfig, tied: bool) -> tuple[GPTModel, dict[s
         share_embeddings_and_output_weights=tied,
         position_embedding_type="rope",
     )
-    names = global_param_names(model)
-    if tied and "output_layer.weight" in names:
-        # The last stage's copy of the tied word embeddings (PP > 1).
-        names["output_layer.weight"] = "embedding.word_embeddings.weight"
+    names = weights.global_param_names(model)  # tied: the last stage's output maps to the embedding
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for local_name, param in model.named_parameters():
             name = names[local_name]
-            full_shape = list(param.shape)
-            if getattr(param, "tensor_model_parallel", False):
-                full_shape[param.partition_dim] *= tp_size
-            full = full_weight(name, torch.Size(full_shape))
-            param.copy_(shard_of(full, name, param, tp_rank, tp_size))
+            full = full_weight(name, torch.Size(weights.full_shape(param, tp_size)))
+            param.copy_(weights.shard_of(full, name, param, tp_rank, tp_size, gated=True))
     return model, names
 
 

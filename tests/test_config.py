@@ -1,0 +1,48 @@
+"""Flags, YAML configs and model-configuration logic (no processes launched)."""
+
+import pytest
+import torch
+
+from sampo_megatron.config import ModelConfig, parse_config
+from sampo_megatron.models.gpt import ffn_hidden_size, layer_spec, padded_vocab_size
+
+
+def test_flags_override_the_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("tensor-model-parallel-size: 2\nlr: 1\nlength_debias: sampo\nbeta: 0.5\n")
+    cfg = parse_config(["--config", str(path), "--beta", "0.2", "--seed", "9"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.training.lr == 1.0 and isinstance(cfg.training.lr, float)
+    assert cfg.loss.length_debias == "sampo" and cfg.loss.beta == 0.2
+    assert cfg.loss.seed == 9 and cfg.training.seed == 9  # one --seed for init, data and draws
+
+
+def test_bad_config_files_name_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tensor-model-paralel-size: 2\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown key 'tensor_model_paralel_size'"):
+        parse_config(["--config", str(path)])
+    path.write_text("seq-length: long\n")
+    with pytest.raises(ValueError, match="seq_length must be int"):
+        parse_config(["--config", str(path)])
+    path.write_text("length-debias: shortest\n")
+    with pytest.raises(ValueError, match="length_debias must be one of"):
+        parse_config(["--config", str(path)])
+
+
+def test_bad_flag_values_exit_with_usage():
+    with pytest.raises(SystemExit):
+        parse_config(["--loss-type", "dpo++"])
+
+
+def test_vocab_padding_and_llama_ffn():
+    assert padded_vocab_size(403, 64, 2) == 512
+    assert padded_vocab_size(152064, 128, 8) == 152576  # a multiple of 128 x TP
+    assert ffn_hidden_size(ModelConfig(hidden_size=4096, swiglu=True)) == 11008  # Llama-2-7B
+    assert ffn_hidden_size(ModelConfig(hidden_size=64, swiglu=False)) == 256
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_transformer_engine_spec_fails_clearly_on_cpu():
+    with pytest.raises(RuntimeError, match="transformer_engine needs a CUDA GPU"):
+        layer_spec(ModelConfig(transformer_impl="transformer_engine"))
