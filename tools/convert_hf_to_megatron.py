@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from sampo_megatron.convert.cli import DTYPES, run_conversion, torch_dtype  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,30 +38,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    from sampo_megatron.convert import convert_hf_to_megatron
 
-    from sampo_megatron.convert import ConversionError, convert_hf_to_megatron
-    from sampo_megatron.convert.memory import return_freed_memory_to_os
-    from sampo_megatron.convert.progress import stderr_lines
-
-    return_freed_memory_to_os()
-
-    try:
-        convert_hf_to_megatron(
-            args.hf_dir,
-            args.save,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            dtype=getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None,
-            overwrite=args.overwrite,
-            emit=None if args.quiet else stderr_lines,
-        )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_conversion(
+        convert_hf_to_megatron,
+        args.hf_dir,
+        args.save,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        dtype=torch_dtype(args.dtype),
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from sampo_megatron.convert.cli import DTYPES, run_conversion, torch_dtype  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -46,30 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    from sampo_megatron.convert import convert_megatron_to_hf
 
-    from sampo_megatron.convert import ConversionError, convert_megatron_to_hf
-    from sampo_megatron.convert.memory import return_freed_memory_to_os
-    from sampo_megatron.convert.progress import stderr_lines
-
-    return_freed_memory_to_os()
-
-    try:
-        convert_megatron_to_hf(
-            args.load,
-            args.hf_out,
-            dtype=getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None,
-            tokenizer=args.tokenizer,
-            architecture=args.architecture,
-            max_shard_bytes=args.max_shard_size,
-            max_position_embeddings=args.max_position_embeddings,
-            overwrite=args.overwrite,
-            emit=None if args.quiet else stderr_lines,
-        )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_conversion(
+        convert_megatron_to_hf,
+        args.load,
+        args.hf_out,
+        dtype=torch_dtype(args.dtype),
+        tokenizer=args.tokenizer,
+        architecture=args.architecture,
+        max_shard_bytes=args.max_shard_size,
+        max_position_embeddings=args.max_position_embeddings,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
 
 
 if __name__ == "__main__":
