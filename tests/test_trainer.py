@@ -32,6 +32,10 @@ LAYOUTS = {
                             "--num-layers-per-virtual-pipeline-stage", "1"]),
     "dp2": (2, ["--tensor-model-parallel-size", "1"]),
     "tp2_pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    # Optional features that the local spec / CPU need help with (models/gpt.py, compat/cpu.py).
+    # torch norms under sequence parallelism: their gradients must be all-reduced over TP
+    "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "dp2_distributed_optimizer": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
 }  # fmt: skip
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards_full/margins", "logps/chosen", "grad_norm")
 
@@ -74,9 +78,10 @@ def test_first_step_policy_equals_reference(baseline):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layouts_reproduce_single_process(tmp_path, baseline, layout):
     nproc, flags = LAYOUTS[layout]
-    metrics, _ = train(tmp_path, layout, nproc, *flags)
+    metrics, out = train(tmp_path, layout, nproc, *flags)
     assert len(metrics) == 3
     assert_same_steps(metrics, baseline, rel=1e-5)
+    assert "saved checkpoint" in out  # the final checkpoint (distributed optimizer: fully_reshardable)
 
 
 def test_reference_replica_is_frozen_and_unchanged(tmp_path):
@@ -160,22 +165,8 @@ def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path):
     assert_same_steps(continued, straight[3:], rel=1e-5)
 
 
-# Optional features that the local spec / CPU need help with (models/gpt.py, compat/cpu.py): they
-# must give the single-process fp32 steps like the plain layouts above.
-FEATURE_LAYOUTS = {
-    # torch norms under sequence parallelism: their gradients must be all-reduced over TP
-    "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "dp2_distributed_optimizer": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
-}  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", list(FEATURE_LAYOUTS))
-def test_parallel_features_reproduce_single_process(tmp_path, baseline, layout):
-    nproc, flags = FEATURE_LAYOUTS[layout]
-    metrics, out = train(tmp_path, layout, nproc, *flags)
-    assert len(metrics) == 3
-    assert_same_steps(metrics, baseline, rel=1e-5)
-    assert "saved checkpoint" in out  # the final checkpoint (distributed optimizer: fully_reshardable)
 
 
 # bf16 rounds weights, activations and gradients to an 8-bit significand (unit roundoff
