@@ -27,7 +27,9 @@ for message in (
 
 
 def main() -> None:
-    Trainer(parse_config()).train()
+    trainer = Trainer(parse_config())
+    trainer.train()
+    trainer.close()
 
 
 # The guard matters: dist_checkpointing's writer starts a spawn-based process that re-imports this file.

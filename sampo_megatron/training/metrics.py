@@ -71,5 +71,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

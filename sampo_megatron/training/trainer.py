@@ -462,3 +462,13 @@ class Trainer:
             self.logger.message(f"metrics (one JSON object per step): {os.path.abspath(cfg.logging.metrics_file)}")
         if cfg.checkpoint.save:
             self.logger.message(f"checkpoints: {os.path.abspath(cfg.checkpoint.save)} (resume: run the same command again)")
+
+    def close(self) -> None:
+        """Destroy the process groups. Left to interpreter exit, gloo's communication threads can
+        still be joinable when their destructors run, and the process aborts ('terminate called
+        without an active exception') after a successful run."""
+        self.logger.close()
+        if dist.is_initialized():
+            dist.barrier()
+            self.ps.destroy_model_parallel()
+            dist.destroy_process_group()

@@ -30,6 +30,7 @@ def main() -> None:
     if is_writer():
         torch.save({"policy": policy, "reference": reference, "vocab_size": trainer.vocab_size}, own["--out"])
     trainer.train()
+    trainer.close()
 
 
 if __name__ == "__main__":

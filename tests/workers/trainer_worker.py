@@ -43,6 +43,7 @@ def main() -> None:
         merged = {k: all(r[k] for r in flags_all) for k in result}
         with open(out, "w") as f:
             json.dump(merged, f)
+    trainer.close()
 
 
 if __name__ == "__main__":
