@@ -75,6 +75,8 @@ def _worker(args) -> None:
     if tp_group is None or dist.get_rank() == 0:
         logits_bytes = logits.numel() * logits.element_size()
         print("RESULT " + json.dumps({"seconds": seconds, "extra_over_logits": peak["extra_bytes"] / logits_bytes}))
+    if tp_group is not None:
+        dist.destroy_process_group()
 
 
 def _run(cfg: dict, args) -> dict:
