@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-wheels clean length-bias
 
 install: $(VENV)/.installed
 
@@ -30,11 +30,23 @@ demo: install
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
 		launch/pretrain_sampo.py --config examples/tiny_cpu.yaml
 
+# The DPO / SamPO / SimPO / R-DPO length-bias study on CPU; writes docs/length_bias_study.md (+ PNGs).
+length-bias: install
+	$(PY) examples/length_bias/run.py
+
 bench: install
 	$(PY) bench/logprobs.py
 	$(PY) bench/debias_overhead.py
 	$(PY) bench/convert_memory.py
 	$(PY) bench/preprocess.py
+	$(PY) bench/sampo_vs_loop.py
+	$(PY) bench/vs_trl.py
+
+# Wheels bench/gpu_check.sh installs on a GPU machine without network (Python 3.12; that machine's
+# torch is used, so --no-deps: megatron-core's torch requirement would fetch a CUDA build).
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 -d bench/gpu_wheels megatron-core==0.16.1 numpy packaging
 
 clean:
 	rm -rf $(VENV) build *.egg-info

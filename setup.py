@@ -27,6 +27,7 @@ setup(
         # parquet and datasets-directory readers, and the preprocessing histogram PNG (docs/data.md)
         "data": ["pyarrow", "datasets", "matplotlib"],
         "tensorboard": ["tensorboard"],  # --tensorboard-dir
-        "dev": ["pytest", "pytest-timeout", "pyarrow", "datasets", "matplotlib", "tensorboard"],
+        # mpi4py: tests/test_launch.py's mpirun launch (Open MPI from .ci/run's apt-get)
+        "dev": ["pytest", "pytest-timeout", "pyarrow", "datasets", "matplotlib", "tensorboard", "mpi4py"],
     },
 )

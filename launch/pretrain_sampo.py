@@ -27,7 +27,17 @@ for message in (
 
 
 def main() -> None:
-    trainer = Trainer(parse_config())
+    cfg = parse_config()
+    if cfg.plan.dry_run:  # the layout checked and the memory plan printed, nothing built
+        from sampo_megatron.planning.dry_run import dry_run_report
+        from sampo_megatron.planning.layout import LayoutError
+
+        try:
+            print(dry_run_report(cfg), flush=True)
+        except LayoutError as err:
+            sys.exit(f"error: {err}")
+        return
+    trainer = Trainer(cfg)
     trainer.train()
     trainer.close()
 

@@ -125,8 +125,34 @@ class TrainingConfig:
     """bfloat16 parameters and activations with fp32 master weights."""
     fp16: bool = False
     """float16 with dynamic loss scaling."""
+    fp8_format: str | None = None
+    """FP8 GEMMs through Transformer Engine (GPU, --transformer-impl transformer_engine, with --bf16):
+    e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). Policy and reference replica alike."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe of Transformer Engine: delayed, tensorwise (current scaling), blockwise, mxfp8
+    (Blackwell)."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layers in BF16 under --fp8-format (not with the delayed recipe)."""
+    num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept in BF16 with --first-last-layers-bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """Layers at the end kept in BF16 with --first-last-layers-bf16."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: full (whole layers, with --recompute-method) or selective (core attention)."""
+    recompute_method: str | None = None
+    """Which layers full recomputation covers: uniform (every --recompute-num-layers layers form one
+    checkpointed chunk) or block (the first --recompute-num-layers layers of each pipeline stage)."""
+    recompute_num_layers: int | None = None
+    """Layers per recomputed chunk (uniform) or recomputed layers per pipeline stage (block)."""
     seed: int = 1234
     """Seed for initialisation, data order and SamPO draws."""
+    variable_seq_lengths: bool = True
+    """Pad each micro-batch only to its longest sequence (rounded up to a multiple of 8, of the TP
+    size with --sequence-parallel and of 2 x CP) instead of --seq-length; pipeline-parallel runs
+    (PP > 1) always pad to --seq-length."""
+    response_logits_only: bool = True
+    """Project through the output layer only the positions whose target is a response token (no
+    logits at prompt or padding positions)."""
 
 
 @dataclass
@@ -190,6 +216,43 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The verbosity monitor (training/monitor.py): the policy's own response lengths and held-out
+    implicit rewards, logged as eval/* metrics."""
+
+    eval_interval: int | None = None
+    """Evaluate every N steps (and before the first step of a fresh run); needs --eval-prompts and/or
+    --eval-data-path."""
+    eval_prompts: str | None = None
+    """Prompts the policy answers at each evaluation (.jsonl with a 'prompt' field, or one per line):
+    logs eval/length_mean, eval/length_median, eval/eos_fraction."""
+    eval_data_path: str | None = None
+    """Held-out preference pairs (read like --data-path): logs eval/rewards/* (debiased) and
+    eval/rewards_full/* (whole responses)."""
+    eval_max_new_tokens: int = 64
+    """Tokens generated at most per eval prompt."""
+    eval_temperature: float = 0.0
+    """0: greedy eval generations; > 0: sampled at this temperature (seeded with --seed)."""
+    eval_top_p: float = 1.0
+    """Nucleus mass of sampled eval generations."""
+    eval_batch_size: int = 32
+    """Eval prompts decoded together."""
+    eval_output: str | None = None
+    """Append every eval generation (iteration, prompt, response, num_tokens) to this JSONL file."""
+
+
+@dataclass
+class PlanConfig:
+    dry_run: bool = False
+    """Validate the layout and print the per-GPU memory plan (tools/plan_memory.py), then exit before
+    building anything; needs no GPU."""
+    world_size: int | None = None
+    """GPUs of the run for --dry-run; default: the launcher's WORLD_SIZE / SLURM_NTASKS / MPI size, else 1."""
+    gpu_memory_gib: float = 80.0
+    """GPU memory the --dry-run plan must fit (GiB)."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -199,6 +262,8 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,6 +291,10 @@ def _choices() -> dict[str, list[str]]:
         "on_bad_record": ["error", "skip"],
         "ref_mode": ["replica", "cache"],
         "ref_update": ["none", "epoch"],
+        "fp8_format": ["e4m3", "hybrid"],
+        "fp8_recipe": ["delayed", "tensorwise", "blockwise", "mxfp8"],
+        "recompute_granularity": ["full", "selective"],
+        "recompute_method": ["uniform", "block"],
     }
 
 
@@ -284,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_yaml(path: str) -> dict:
     import yaml
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
     text = Path(path).read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):

@@ -89,6 +89,8 @@ def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):
         return -logsig(b * u - cfg.rdpo_alpha * (w["T"] - l["T"]))
     if loss_type == "simpo":
         return -logsig(b * (w["pi"] / w["count"] - l["pi"] / l["count"]) - cfg.simpo_gamma)
+    if loss_type == "sft":
+        return -w["pi"] / w["count"]
     if loss_type == "tdpo1":
         return -logsig(b * (u - (l["kl"] - w["kl"])))
     if loss_type == "tdpo2":
@@ -99,6 +101,8 @@ def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):
 def _expected_rewards(loss_type, x, cfg):
     if loss_type == "simpo":
         return cfg.beta * x["pi"] / x["count"]
+    if loss_type == "sft":
+        return x["pi"] / x["count"]
     if loss_type.startswith("tdpo"):
         return cfg.beta * (x["pi"] - x["ref"] + x["kl"])
     return cfg.beta * (x["pi"] - x["ref"])
@@ -110,7 +114,7 @@ ALL_LOSSES = LOSSES.names()
 def test_every_registered_loss_is_covered():
     assert set(ALL_LOSSES) == {
         "sigmoid", "robust", "ipo", "hinge", "dpop", "bco_pair", "nca_pair", "sppo_hard",
-        "kto_pair", "rdpo", "simpo", "tdpo1", "tdpo2",
+        "kto_pair", "rdpo", "simpo", "sft", "tdpo1", "tdpo2",
     }  # fmt: skip
 
 

@@ -51,16 +51,36 @@ class PairDataset:
         return rng.permutation(len(self.pairs)).tolist()
 
 
-def collate_pairs(pairs: Sequence[PreferencePair], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Stacks ``P`` pairs into fixed-shape tensors: chosen rows ``0..P-1``, rejected rows ``P..2P-1``.
+def padded_length(longest: int, seq_length: int, pad_to_multiple_of: int | None) -> int:
+    """Columns of a micro-batch whose longest sequence has ``longest`` tokens.
 
-    Shapes are always ``[2P, seq_length]`` (right padding) because megatron's pipeline schedule
-    communicates tensors of one fixed shape. Row ``i`` and row ``P + i`` are the same pair.
+    ``seq_length`` when ``pad_to_multiple_of`` is None (fixed shapes); otherwise
+    ``min(seq_length, ceil(longest / m) * m)`` with ``m = pad_to_multiple_of``.
+    """
+    if pad_to_multiple_of is None:
+        return seq_length
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    return min(seq_length, -(-longest // pad_to_multiple_of) * pad_to_multiple_of)
+
+
+def collate_pairs(
+    pairs: Sequence[PreferencePair], seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Stacks ``P`` pairs into tensors: chosen rows ``0..P-1``, rejected rows ``P..2P-1``.
+
+    Shapes are ``[2P, S]`` (right padding). Without ``pad_to_multiple_of``, ``S = seq_length`` for
+    every micro-batch (megatron's pipeline schedule communicates tensors of one fixed shape); with
+    it, ``S`` is the micro-batch's longest sequence rounded up to that multiple (see
+    :func:`padded_length`), so no work is spent on columns that are padding in every row. Row ``i``
+    and row ``P + i`` are the same pair.
 
     Args:
         pairs: The pairs of one micro-batch (each sequence already fits ``seq_length``).
-        seq_length: Padded sequence length.
+        seq_length: Maximum (and, without ``pad_to_multiple_of``, padded) sequence length.
         pad_id: Id used for padding, and as the label wherever there is no target.
+        pad_to_multiple_of: Pad only to the longest sequence, rounded up to this multiple (which
+            must divide ``seq_length`` when the trainer needs divisible shapes).
 
     Returns:
         ``tokens`` [2P, S] int64: prompt + response, right-padded.
@@ -77,9 +97,11 @@ def collate_pairs(pairs: Sequence[PreferencePair], seq_length: int, pad_id: int)
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     n = len(pairs)
-    tokens = torch.full((2 * n, seq_length), pad_id, dtype=torch.int64)
-    labels = torch.full((2 * n, seq_length), pad_id, dtype=torch.int64)
-    response_mask = torch.zeros((2 * n, seq_length), dtype=torch.bool)
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    width = padded_length(longest, seq_length, pad_to_multiple_of)
+    tokens = torch.full((2 * n, width), pad_id, dtype=torch.int64)
+    labels = torch.full((2 * n, width), pad_id, dtype=torch.int64)
+    response_mask = torch.zeros((2 * n, width), dtype=torch.bool)
     for i, pair in enumerate(pairs):
         for row, response in ((i, pair.chosen_ids), (n + i, pair.rejected_ids)):
             seq = pair.prompt_ids + response
@@ -92,7 +114,7 @@ def collate_pairs(pairs: Sequence[PreferencePair], seq_length: int, pad_id: int)
             labels[row, : length - 1] = tokens[row, 1:length]
             # Position t predicts token t+1; response tokens sit at [len(prompt), length).
             response_mask[row, len(pair.prompt_ids) - 1 : length - 1] = True
-    position_ids = torch.arange(seq_length, dtype=torch.int64).unsqueeze(0).expand(2 * n, -1).contiguous()
+    position_ids = torch.arange(width, dtype=torch.int64).unsqueeze(0).expand(2 * n, -1).contiguous()
     sample_ids = torch.tensor([p.sample_id for p in pairs], dtype=torch.int64)
     return {
         "tokens": tokens,
@@ -152,11 +174,15 @@ class PairBatches:
     Args:
         dataset: The pairs and their seed.
         global_batch_size: Pairs per optimizer step, over all DP ranks and micro-batches.
-        seq_length: Padded sequence length for :meth:`micro_batches`.
+        seq_length: Maximum (or fixed padded) sequence length for :meth:`micro_batches`.
         pad_id: Padding id for :meth:`micro_batches`.
+        pad_to_multiple_of: Pad each micro-batch only to its longest sequence, rounded up to this
+            multiple (see :func:`collate_pairs`); None pads every micro-batch to ``seq_length``.
     """
 
-    def __init__(self, dataset: PairDataset, global_batch_size: int, seq_length: int, pad_id: int) -> None:
+    def __init__(
+        self, dataset: PairDataset, global_batch_size: int, seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
+    ) -> None:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if len(dataset) < global_batch_size:
@@ -165,6 +191,7 @@ class PairBatches:
         self.global_batch_size = global_batch_size
         self.seq_length = seq_length
         self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
         # One-entry cache: steps are usually asked in order, and a permutation costs O(N).
         self._cached: tuple[int, list[int]] | None = None
 
@@ -193,4 +220,4 @@ class PairBatches:
         """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :func:`split_for_rank`."""
         epoch, pairs = self.batch_at(step)
         parts = split_for_rank(pairs, dp_rank, dp_size, micro_batch_size)
-        return epoch, [collate_pairs(p, self.seq_length, self.pad_id) for p in parts]
+        return epoch, [collate_pairs(p, self.seq_length, self.pad_id, self.pad_to_multiple_of) for p in parts]

@@ -66,10 +66,15 @@ class DebiasWeights:
 DEBIAS: Registry[Callable[[DebiasInputs], DebiasWeights]] = Registry("length debias")
 
 
-def _sampled_weights(inputs: DebiasInputs, stream: int) -> torch.Tensor:
-    seeds = response_seeds(inputs.seed, inputs.epoch, inputs.sample_ids, role_code(inputs.roles, stream))
-    kept = sampled_kept_mask(inputs.response_index, inputs.lengths, inputs.keep_counts, seeds)
-    return kept.float()
+def _sampled_weights(inputs: DebiasInputs, streams: tuple[int, ...]) -> list[torch.Tensor]:
+    """One kept mask per draw stream, all streams drawn in one batched call (rows stacked)."""
+    n = len(streams)
+    roles = torch.cat([role_code(inputs.roles, stream) for stream in streams])
+    seeds = response_seeds(inputs.seed, inputs.epoch, inputs.sample_ids.repeat(n), roles)
+    kept = sampled_kept_mask(
+        inputs.response_index.repeat(n, 1), inputs.lengths.repeat(n), inputs.keep_counts.repeat(n), seeds
+    )
+    return list(kept.float().chunk(n))
 
 
 @DEBIAS.register("none")
@@ -80,8 +85,10 @@ def no_debias(inputs: DebiasInputs) -> DebiasWeights:
 
 @DEBIAS.register("sampo")
 def sampo(inputs: DebiasInputs) -> DebiasWeights:
-    policy = _sampled_weights(inputs, POLICY_STREAM)
-    reference = policy if inputs.sampo_mask == "shared" else _sampled_weights(inputs, REFERENCE_STREAM)
+    if inputs.sampo_mask == "shared":
+        policy = reference = _sampled_weights(inputs, (POLICY_STREAM,))[0]
+    else:
+        policy, reference = _sampled_weights(inputs, (POLICY_STREAM, REFERENCE_STREAM))
     return DebiasWeights(policy, reference, inputs.keep_counts.float())
 
 

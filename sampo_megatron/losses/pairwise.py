@@ -180,6 +180,19 @@ def simpo(pair: PairValues, cfg: LossConfig) -> LossTerms:
     return LossTerms(-F.logsigmoid(chosen - rejected - cfg.simpo_gamma), chosen.detach(), rejected.detach())
 
 
+@register_loss("sft", reference_free=True)
+def sft(pair: PairValues, cfg: LossConfig) -> LossTerms:
+    """Supervised fine-tuning on the chosen responses (an SFT warm-up): ``-pi_w / T_w``, the mean
+    negative log-likelihood per counted token of the chosen response; the rejected one is unused.
+
+    Rewards are the mean log-probs ``pi / T`` (no ``beta``). Use with ``--length-debias none`` for
+    the plain token-mean NLL.
+    """
+    chosen = pair.chosen.logps / pair.chosen.count
+    rejected = pair.rejected.logps / pair.rejected.count
+    return LossTerms(-chosen, chosen.detach(), rejected.detach())
+
+
 def _tdpo(pair: PairValues, cfg: LossConfig, kl_weight: float, detach_chosen_kl: bool) -> LossTerms:
     chosen_kl, rejected_kl = pair.chosen.kl, pair.rejected.kl
     if chosen_kl is None or rejected_kl is None:

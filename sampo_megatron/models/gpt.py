@@ -75,8 +75,49 @@ def params_dtype(training: TrainingConfig) -> torch.dtype:
     return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
 
 
+def fp8_unavailable_reason(model: ModelConfig, training: TrainingConfig, cuda: bool, transformer_engine: bool) -> str | None:
+    """Why ``--fp8-format`` cannot run here, or ``None`` when it can (or FP8 is off).
+
+    Args:
+        model: architecture (``transformer_impl``).
+        training: precision flags.
+        cuda: a CUDA GPU is present.
+        transformer_engine: ``transformer_engine`` imports.
+    """
+    if training.fp8_format is None:
+        return None
+    flag = f"--fp8-format {training.fp8_format}"
+    if not cuda:
+        return f"{flag} needs a CUDA GPU with FP8 support (H100/H200 or newer); this machine has none (drop the flag on CPU)"
+    if not transformer_engine:
+        return f"{flag} needs Transformer Engine: pip install 'sampo-megatron[gpu]' (NGC PyTorch containers ship it)"
+    if model.transformer_impl != "transformer_engine":
+        return f"{flag} needs --transformer-impl transformer_engine (FP8 GEMMs are Transformer Engine layers)"
+    if not training.bf16:
+        return f"{flag} needs --bf16 (the FP8 GEMMs' inputs, outputs and master weights around them)"
+    return None
+
+
+def check_fp8_available(model: ModelConfig, training: TrainingConfig) -> None:
+    """Raise a clear error when FP8 is asked for on a machine or build that cannot run it."""
+    if training.fp8_format is None:
+        return
+    cuda = torch.cuda.is_available()
+    try:
+        import transformer_engine  # noqa: F401
+
+        te = True
+    except ImportError:
+        te = False
+    reason = fp8_unavailable_reason(model, training, cuda, te)
+    if reason:
+        raise RuntimeError(reason)
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig):
-    """The megatron-core ``TransformerConfig`` for this run."""
+    """The megatron-core ``TransformerConfig`` for this run: the policy's and the reference replica's
+    (both are built from it, so precision and recomputation apply to both). It builds on CPU too, FP8
+    fields included; whether FP8 can run is :func:`check_fp8_available`'s question."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -116,6 +157,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
         bf16=training.bf16,
         fp16=training.fp16,
         use_cpu_initialization=not on_gpu,
+        fp8=training.fp8_format,
+        fp8_recipe=training.fp8_recipe,
+        first_last_layers_bf16=training.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=training.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=training.num_layers_at_end_in_bf16,
+        recompute_granularity=training.recompute_granularity,
+        recompute_method=training.recompute_method,
+        recompute_num_layers=training.recompute_num_layers,
         # Fused kernels need apex / TE / CUDA.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,

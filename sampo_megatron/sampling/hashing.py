@@ -22,8 +22,15 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_combine(state: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
-    """Fold a 64-bit integer field into a 32-bit hash state (low word, then high word)."""
-    value = torch.as_tensor(value, dtype=torch.int64, device=state.device)
+def hash_combine(state: torch.Tensor | int, value: torch.Tensor | int) -> torch.Tensor | int:
+    """Fold a 64-bit integer field into a 32-bit hash state (low word, then high word).
+
+    With two Python ints it stays in Python ints (the same bits): fields shared by every row are
+    folded once instead of once per element.
+    """
+    if isinstance(state, torch.Tensor):
+        value = torch.as_tensor(value, dtype=torch.int64, device=state.device)
+    elif isinstance(value, torch.Tensor):
+        state = torch.as_tensor(state, dtype=torch.int64, device=value.device)
     state = mix32(state ^ (value & _MASK32))
     return mix32(state ^ ((value >> 32) & _MASK32))

@@ -35,9 +35,7 @@ def role_code(role: torch.Tensor | int, stream: int = POLICY_STREAM) -> torch.Te
 
 def response_seeds(seed: int, epoch: int, sample_ids: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
     """Per-response hash state ``h(seed, epoch, sample id, role)``, int64 in ``[0, 2**32)``."""
-    state = torch.full_like(sample_ids, _SALT, dtype=torch.int64)
-    state = hash_combine(state, seed)
-    state = hash_combine(state, epoch)
+    state = hash_combine(hash_combine(_SALT, int(seed)), int(epoch))  # the same for every row: Python ints
     state = hash_combine(state, sample_ids.to(torch.int64))
     return hash_combine(state, torch.as_tensor(roles, dtype=torch.int64, device=sample_ids.device))
 
@@ -65,18 +63,23 @@ def sampled_kept_mask(
     Returns:
         ``[R, S]`` bool, true at kept response positions; never at prompt or padding positions.
     """
-    max_len = int(lengths.max()) if lengths.numel() else 0
-    positions = torch.arange(max_len, device=lengths.device)
+    is_response = response_index >= 0
+    # Only responses that give up tokens need a draw (the longer one of each pair): the others keep
+    # every position, so the hashing and sorting run on about half the rows or fewer.
+    drawn = (keep_counts < lengths).nonzero().squeeze(1)
+    if drawn.numel() == 0:
+        return is_response
+    lengths, keep_counts, response_seed = lengths[drawn], keep_counts[drawn], response_seed[drawn]
+    positions = torch.arange(int(lengths.max()), device=lengths.device)
     all_keys = position_keys(response_seed[:, None], positions[None, :])
     all_keys = torch.where(positions[None, :] < lengths[:, None], all_keys, _NO_KEY)
-    sorted_keys = all_keys.sort(dim=1).values if max_len else all_keys
-    threshold_at = (keep_counts - 1).clamp(min=0)[:, None]
-    threshold = sorted_keys.gather(1, threshold_at).squeeze(1) if max_len else torch.zeros_like(lengths)
+    threshold = all_keys.sort(dim=1).values.gather(1, (keep_counts - 1).clamp(min=0)[:, None]).squeeze(1)
     threshold = torch.where(keep_counts > 0, threshold, -1)
 
-    is_response = response_index >= 0
-    local_keys = position_keys(response_seed[:, None], response_index.clamp(min=0))
-    return is_response & (local_keys <= threshold[:, None])
+    local_keys = position_keys(response_seed[:, None], response_index[drawn].clamp(min=0))
+    kept = is_response.clone()
+    kept[drawn] = is_response[drawn] & (local_keys <= threshold[:, None])
+    return kept
 
 
 def topk_kept_mask(

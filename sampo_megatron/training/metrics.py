@@ -19,6 +19,10 @@ _CONSOLE = (
     ("grad_norm", "grad_norm", "{:.4f}"),
     ("pairs_per_s", "pairs/s", "{:.2f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
+    # the verbosity monitor's steps (training/monitor.py)
+    ("eval/length_mean", "eval_len", "{:.1f}"),
+    ("eval/rewards/margins", "eval_margins", "{:+.4f}"),
+    ("eval/rewards_full/margins", "eval_margins_full", "{:+.4f}"),
 )
 
 

@@ -95,8 +95,9 @@ class ReferenceCache:
             for batch, logps in zip(micro_batches, results):
                 pairs = batch["sample_ids"].cpu().numpy()
                 chosen, rejected = logps.float().cpu().chunk(2, dim=0)
-                array[pairs, 0] = chosen.numpy()
-                array[pairs, 1] = rejected.numpy()
+                width = chosen.shape[1]  # a micro-batch may be narrower than seq_length; the rest stays 0
+                array[pairs, 0, :width] = chosen.numpy()
+                array[pairs, 1, :width] = rejected.numpy()
         array.flush()
         del array
         dist.barrier()
@@ -105,12 +106,13 @@ class ReferenceCache:
                 json.dump({"shape": list(self.shape), "version": version}, f)
         dist.barrier()
 
-    def lookup(self, version: int, sample_ids: torch.Tensor) -> torch.Tensor:
-        """``[2P, S]`` reference log-probs of these pairs (chosen rows, then rejected rows)."""
+    def lookup(self, version: int, sample_ids: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``[2P, width]`` reference log-probs of these pairs (chosen rows, then rejected rows);
+        ``width`` defaults to the cache's sequence length."""
         if self._version != version:
             if not self.is_complete(version):
                 raise FileNotFoundError(f"reference cache {self._paths(version)[0]} is missing or incomplete")
             self._array = np.load(self._paths(version)[0], mmap_mode="r")
             self._version = version
-        rows = torch.from_numpy(np.ascontiguousarray(self._array[sample_ids.cpu().numpy()]))
+        rows = torch.from_numpy(np.ascontiguousarray(self._array[sample_ids.cpu().numpy(), :, :width]))
         return torch.cat([rows[:, 0], rows[:, 1]], dim=0)

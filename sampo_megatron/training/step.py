@@ -12,6 +12,7 @@ from functools import partial
 import torch
 
 from ..losses import LossConfig, PreferenceInputs, RunningMean, preference_loss
+from ..models.response_logits import select_output_positions
 from ..ops import vocab_parallel_logprobs
 
 
@@ -26,24 +27,45 @@ class StepContext:
     reward_mean: RunningMean | None = None
     cp_group: object = None
     """Context-parallel group: the micro-batch holds this rank's slice of each sequence."""
+    response_logits_only: bool = False
+    """Project through the output layer only the positions whose target is a response token."""
 
 
-def _model_logits(batch: dict, model) -> torch.Tensor:
+def _model_logits(ctx: StepContext, batch: dict, model) -> torch.Tensor:
+    """``[2P, S, V/TP]`` logits, or with ``ctx.response_logits_only`` (on the stage that has the
+    output layer) ``[1, n, V/TP]`` at the ``n`` response positions (see :func:`token_logprobs`)."""
+    batch.pop("compact_logits", None)
+    if ctx.response_logits_only:
+        # [s, b] order: megatron's activations are sequence-first.
+        batch["compact_logits"] = select_output_positions(model, batch["response_mask"].t())
     # Causal attention needs no explicit mask; right padding only follows the real tokens.
     return model(batch["tokens"], batch["position_ids"], None)
 
 
 def token_logprobs(batch: dict, logits: torch.Tensor, ctx: StepContext, *, inplace_backward: bool) -> torch.Tensor:
-    """``[2P, S]`` per-token log-probs of the labels from ``[2P, S, V/TP]`` logits."""
-    return vocab_parallel_logprobs(
-        logits, batch["labels"], ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size
-    )
+    """``[2P, S]`` per-token log-probs of the labels.
+
+    From ``[2P, S, V/TP]`` logits; or from compact ``[1, n, V/TP]`` logits at the response positions
+    (``response_mask.t().nonzero()`` order), scattered back to ``[2P, S]`` with zeros elsewhere
+    (the loss reads log-probs only under ``response_mask``).
+    """
+    labels = batch["labels"]
+    if not batch.get("compact_logits"):
+        return vocab_parallel_logprobs(logits, labels, ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size)
+    seq_pos, row = batch["response_mask"].t().nonzero(as_tuple=True)  # the compact logits' [s, b] order
+    compact = vocab_parallel_logprobs(
+        logits.reshape(-1, logits.shape[-1]), labels[row, seq_pos], ctx.tp_group,
+        inplace_backward=inplace_backward, vocab_size=ctx.vocab_size,
+    )  # fmt: skip
+    # A contiguous [2P, S] result, laid out as the full-logit path's (sums then add in the same order).
+    rows, cols = labels.shape
+    return compact.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, compact).view(rows, cols)
 
 
 def policy_forward_step(ctx: StepContext, data_iterator, model):
     """Forward of the policy on one micro-batch; the loss runs on the last pipeline stage."""
     batch = next(data_iterator)
-    return _model_logits(batch, model), partial(_policy_loss, ctx, batch)
+    return _model_logits(ctx, batch, model), partial(_policy_loss, ctx, batch)
 
 
 def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
@@ -69,7 +91,7 @@ def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
 def reference_forward_step(ctx: StepContext, data_iterator, model):
     """Forward-only pass of the reference: collects per-token log-probs (``non_loss_data``)."""
     batch = next(data_iterator)
-    return _model_logits(batch, model), partial(_reference_logps, ctx, batch)
+    return _model_logits(ctx, batch, model), partial(_reference_logps, ctx, batch)
 
 
 def _reference_logps(ctx: StepContext, batch: dict, logits: torch.Tensor, non_loss_data: bool = True):

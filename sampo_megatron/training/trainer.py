@@ -3,6 +3,7 @@ schedule, checkpoints and metrics together."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from ..config import RunConfig
 from ..data import DataOptions, PairBatches, PairDataset, load_pairs, load_tokenizer
 from ..losses import LOSSES, RunningMean
 from ..models.architecture import adopt_architecture, run_architecture, write_architecture
-from ..models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
+from ..models.gpt import build_model_chunks, check_fp8_available, model_vocab_sizes, transformer_config
+from ..models.response_logits import install_output_selection
 from ..models.weights import initialize_deterministically
 from .checkpointing import CheckpointContents, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .launch_env import apply_launch_env
 from .metrics import MetricsLogger
+from .monitor import VerbosityMonitor
 from .reference import ReferenceCache, copy_weights, forward_only_logps
 from .step import StepContext, policy_forward_step
 
@@ -41,6 +45,7 @@ class RunState:
 def _init_distributed() -> None:
     if dist.is_initialized():
         return
+    apply_launch_env()  # srun / mpirun / a plain python start: RANK, WORLD_SIZE, MASTER_ADDR, ... (launch_env.py)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -63,6 +68,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self._adopt_checkpoint_architecture()
+        check_fp8_available(cfg.model, cfg.training)
         _init_distributed()
         from ..compat import apply_cpu_compat
 
@@ -103,11 +109,13 @@ class Trainer:
             vocab_size=self.vocab_size,
             reward_mean=self.reward_mean,
             cp_group=parallel_state.get_context_parallel_group() if self.cp_size > 1 else None,
+            response_logits_only=cfg.training.response_logits_only,
         )
         self._load_or_init()
         self.logger = MetricsLogger(
             self.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
         )
+        self.monitor = VerbosityMonitor(self) if cfg.eval.eval_interval else None
 
     # ----------------------------------------------------------------------------- set-up
     def _adopt_checkpoint_architecture(self) -> None:
@@ -151,7 +159,10 @@ class Trainer:
         pairs, bad_records, source = load_pairs(d.data_path, self.tokenizer, options)
         if dist.get_rank() == 0:
             print(f"data: {source}\ndata: {bad_records.summary(len(pairs))}", flush=True)
-        self.batches = PairBatches(PairDataset(pairs, cfg.training.seed), cfg.training.global_batch_size, cfg.training.seq_length, self.tokenizer.pad_id)
+        self.batches = PairBatches(
+            PairDataset(pairs, cfg.training.seed), cfg.training.global_batch_size, cfg.training.seq_length,
+            self.tokenizer.pad_id, pad_to_multiple_of=self._pad_multiple(),
+        )  # fmt: skip
         self.num_pairs = len(pairs)
         tr = cfg.training
         self.train_iters = tr.train_iters if tr.train_iters is not None else tr.train_epochs * self.batches.steps_per_epoch
@@ -162,12 +173,26 @@ class Trainer:
                 f"x data-parallel size {self.dp_size}"
             )
 
+    def _pad_multiple(self) -> int | None:
+        """Micro-batch widths with --variable-seq-lengths: a multiple of 8, of TP under sequence
+        parallelism (the sequence is split over TP) and of 2 x CP (megatron's load-balanced CP split);
+        None (always --seq-length) with pipeline parallelism, whose schedule sends fixed shapes."""
+        cfg = self.cfg
+        if not cfg.training.variable_seq_lengths or cfg.parallel.pipeline_model_parallel_size > 1:
+            return None
+        multiple = math.lcm(8, 2 * cfg.parallel.context_parallel_size)
+        if cfg.parallel.sequence_parallel:
+            multiple = math.lcm(multiple, cfg.parallel.tensor_model_parallel_size)
+        return multiple
+
     def _build_models(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         cfg = self.cfg
         self.vocab_size, self.vocab_padded = model_vocab_sizes(cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
         self.chunks = build_model_chunks(cfg.model, self.tconfig, self.vocab_padded, cfg.training.seq_length)
+        for chunk in self.chunks:
+            install_output_selection(chunk)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -178,7 +203,8 @@ class Trainer:
             for i, chunk in enumerate(self.chunks)
         ]
         self.reference = None
-        if cfg.reference.ref_mode == "replica":
+        # A reference-free loss (SimPO, SFT) never reads reference log-probs: no replica to run.
+        if cfg.reference.ref_mode == "replica" and not LOSSES[cfg.loss.loss_type].reference_free:
             self.reference = self._new_reference_chunks()
         self.cache = None
         if cfg.reference.ref_mode == "cache":
@@ -192,6 +218,7 @@ class Trainer:
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
+            install_output_selection(chunk)
         return chunks
 
     def _build_optimizer(self) -> None:
@@ -336,12 +363,15 @@ class Trainer:
         if self.cache is not None:
             if self.is_last_stage:
                 for batch in micro_batches:
-                    ref_logps = self.cache.lookup(self.state.reference_version, batch["sample_ids"]).to(batch["tokens"].device)
+                    ref_logps = self.cache.lookup(self.state.reference_version, batch["sample_ids"], batch["width"])
+                    ref_logps = ref_logps.to(batch["tokens"].device)
                     if self.cp_size > 1:
                         from megatron.core.utils import get_batch_on_this_cp_rank
 
                         ref_logps = get_batch_on_this_cp_rank({"ref_logps": ref_logps})["ref_logps"]
                     batch["ref_logps"] = ref_logps
+            return
+        if self.reference is None:
             return
         outputs = forward_only_logps(self.reference, micro_batches, self.ctx, self.cfg.training.seq_length)
         if outputs is not None:
@@ -356,6 +386,7 @@ class Trainer:
             for key, value in batch.items():
                 batch[key] = value.to(device)
             batch["epoch"] = epoch
+            batch["width"] = batch["tokens"].shape[1]  # before any CP slicing (cache lookups)
             if self.cp_size > 1:
                 self._slice_for_context_parallel(batch)
         return epoch, micro_batches
@@ -451,8 +482,12 @@ class Trainer:
         )
         if start >= self.train_iters:
             self.logger.message(f"nothing to do: the checkpoint is at iteration {start} of {self.train_iters} (--train-iters)")
+        if self.monitor is not None and start == 0 and self.train_iters > 0:
+            self.logger.log(0, self.monitor.evaluate(0))  # the starting point of the eval curves
         for step in range(start, self.train_iters):
             metrics = self.train_step(step)
+            if self.monitor is not None and self.monitor.due(step + 1):
+                metrics.update(self.monitor.evaluate(step + 1))
             self.logger.log(step + 1, metrics)
             interval = cfg.checkpoint.save_interval
             if cfg.checkpoint.save and ((interval and (step + 1) % interval == 0) or step + 1 == self.train_iters):

@@ -1,0 +1,82 @@
+"""Output logits only at the positions the loss reads (response tokens), not at prompt or padding.
+
+megatron-core's ``GPTModel`` projects every position through the output layer (``[s, b, V/TP]``),
+although a preference loss needs log-probs only where the target is a response token. With a small
+model and a large vocabulary the output layer is a large share of the FLOPs (hidden 256, vocab
+8000: ~40%), and the logits are the largest activation. :func:`select_output_positions` makes the
+next forward of a model chunk feed the output layer only the selected hidden states: the chunk then
+returns ``[1, n, V/TP]`` logits for the ``n`` selected positions, in the order of
+``positions.nonzero()`` over ``[s, b]`` (sequence first, as megatron's activations).
+
+It works through a forward pre-hook on ``output_layer`` (no module is replaced, so parameter names
+and checkpoints are unchanged). Tensor parallelism is unaffected (the output layer stays
+vocab-parallel); under sequence parallelism the output layer's input is sharded over the sequence,
+so the hook gathers it first (its backward keeps this rank's slice: the output layer's own backward
+then all-reduces the input gradient over TP, as for any replicated input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _select_hidden(layer, args, kwargs):
+    positions = layer._sampo_positions
+    if positions is None:
+        return None
+    layer._sampo_positions = None  # one forward only
+    hidden = args[0]
+    if layer.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        # The grad of the gathered copy is complete on every rank (the output layer all-reduces it
+        # when sequence_parallel is off), so the backward of the gather only takes this rank's slice.
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=layer.tp_group)
+        layer.sequence_parallel = False
+        layer._sampo_restore_sequence_parallel = True
+    s, b, h = hidden.shape
+    if positions.shape != (s, b):
+        raise ValueError(f"selected positions {tuple(positions.shape)} do not match the hidden states [s, b] = {(s, b)}")
+    flat = positions.reshape(-1).nonzero().squeeze(1)
+    selected = hidden.reshape(s * b, h).index_select(0, flat).unsqueeze(1)  # [n, 1, h]
+    return (selected, *args[1:]), kwargs
+
+
+def _restore(layer, args, kwargs, output):
+    if getattr(layer, "_sampo_restore_sequence_parallel", False):
+        layer.sequence_parallel = True
+        layer._sampo_restore_sequence_parallel = False
+    return output
+
+
+def install_output_selection(chunk) -> None:
+    """Let :func:`select_output_positions` act on this model chunk (a no-op without an output layer,
+    i.e. on stages other than the last pipeline stage). Installs the hooks once."""
+    model = _unwrap(chunk)
+    layer = getattr(model, "output_layer", None)
+    if layer is None or not getattr(model, "post_process", False) or hasattr(layer, "_sampo_positions"):
+        return
+    layer._sampo_positions = None
+    layer._sampo_restore_sequence_parallel = False
+    layer.register_forward_pre_hook(_select_hidden, with_kwargs=True)
+    layer.register_forward_hook(_restore, with_kwargs=True)
+
+
+def select_output_positions(chunk, positions: torch.Tensor) -> bool:
+    """Compute the next forward's logits only at ``positions`` (bool ``[s, b]``).
+
+    Returns:
+        True when the chunk has an output layer with the selection installed (its next output is
+        ``[1, n, V/TP]``), False otherwise (nothing changes; its output is hidden states or full logits).
+    """
+    layer = getattr(_unwrap(chunk), "output_layer", None)
+    if layer is None or not hasattr(layer, "_sampo_positions"):
+        return False
+    layer._sampo_positions = positions
+    return True

@@ -1,0 +1,87 @@
+"""``--dry-run``: the run's layout checked and its per-GPU memory plan printed, before anything is
+built (no GPU, no process group, no checkpoint read beyond its ``sampo_model.json``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from .layout import LayoutError, check_layout
+from .memory import format_plan, plan_memory
+from .presets import shape_from_model_config
+from .shapes import Layout, ModelShape
+
+
+def layout_from_config(cfg, world_size: int) -> Layout:
+    """The :class:`Layout` of a ``RunConfig`` on ``world_size`` GPUs (DP is what TP x PP x CP leave)."""
+    par, tr = cfg.parallel, cfg.training
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    vpp = 1
+    if par.num_layers_per_virtual_pipeline_stage:
+        vpp = max(1, cfg.model.num_layers // par.pipeline_model_parallel_size // par.num_layers_per_virtual_pipeline_stage)
+    bf16_layers = tr.num_layers_at_start_in_bf16 + tr.num_layers_at_end_in_bf16 if tr.first_last_layers_bf16 else 0
+    return Layout(
+        tp=par.tensor_model_parallel_size,
+        pp=par.pipeline_model_parallel_size,
+        vpp=vpp,
+        dp=max(1, world_size // model_parallel),
+        cp=par.context_parallel_size,
+        micro_batch_size=tr.micro_batch_size,
+        global_batch_size=tr.global_batch_size,
+        seq_length=tr.seq_length,
+        sequence_parallel=par.sequence_parallel,
+        distributed_optimizer=par.use_distributed_optimizer,
+        recompute_granularity=tr.recompute_granularity,
+        recompute_method=tr.recompute_method,
+        recompute_num_layers=tr.recompute_num_layers,
+        fp8=tr.fp8_format,
+        bf16_layers=bf16_layers,
+        param_bytes=2 if (tr.bf16 or tr.fp16) else 4,
+        ref_mode=cfg.reference.ref_mode,
+        attention="flash" if cfg.model.transformer_impl == "transformer_engine" else "local",
+    )
+
+
+def model_shape(cfg) -> ModelShape:
+    """The model's shape: ``--vocab-size`` (or the checkpoint's), else the tokenizer's size."""
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        if not cfg.data.tokenizer_model:
+            raise ValueError("--dry-run needs the vocabulary: give --vocab-size or --tokenizer-model")
+        from ..data import load_tokenizer
+
+        vocab = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type).vocab_size
+    return shape_from_model_config(cfg.model, vocab)
+
+
+def dry_run_report(cfg, environ: Mapping[str, str] | None = None) -> str:
+    """Check the layout of ``cfg`` and return its memory plan as text.
+
+    The world size is ``--world-size``, else the launcher's (``WORLD_SIZE``, ``SLURM_NTASKS``, MPI),
+    else 1. A checkpoint's ``sampo_model.json`` under ``--load`` / ``--ref-load`` sets the
+    architecture as in a real run.
+
+    Raises:
+        LayoutError: the layout cannot run this model (every problem listed).
+    """
+    from ..models.architecture import adopt_architecture
+    from ..training.checkpointing import resolve_checkpoint
+    from ..training.launch_env import world_size_from_launcher
+
+    environ = os.environ if environ is None else environ
+    paths = {"--load": cfg.checkpoint.load, "--ref-load": cfg.reference.ref_load}
+    sources = {flag: resolve_checkpoint(p) for flag, p in paths.items() if p and os.path.isdir(p)}
+    adopt_architecture(cfg.model, getattr(cfg, "explicit_flags", None), sources)
+    world_size = cfg.plan.world_size or world_size_from_launcher(environ)
+    guessed = world_size is None
+    world_size = world_size or 1
+    shape = model_shape(cfg)
+    layout = layout_from_config(cfg, world_size)
+    try:
+        check_layout(shape, layout, world_size)
+    except LayoutError as err:
+        if guessed:  # the likeliest mistake: the run's GPU count was never given
+            raise LayoutError(f"{err}\n  (no launcher sets the world size here, so 1 GPU was assumed: pass --world-size N)") from None
+        raise
+    plan = plan_memory(shape, layout)
+    return format_plan(plan, cfg.plan.gpu_memory_gib)

@@ -1,0 +1,140 @@
+"""The verbosity monitor: every ``--eval-interval`` steps, response lengths of the policy's own
+generations on ``--eval-prompts`` and the implicit rewards on a held-out preference set.
+
+DPO's failure mode is a policy whose responses grow longer over training (Lu et al. 2024, Fig. 4);
+the training metrics show only the lengths of the *data*. The monitor generates with the policy
+(:mod:`sampo_megatron.generation`, greedy by default) and logs ``eval/length_mean``,
+``eval/length_median``, ``eval/eos_fraction`` and, on ``--eval-data-path``, ``eval/rewards/*``
+(debiased as the run's ``--length-debias``) and ``eval/rewards_full/*`` (whole responses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from ..data import DataOptions, collate_pairs, load_pairs
+from ..generation import GenerationConfig, encode_prompts, generate_sharded, read_prompts
+from ..losses import LOSSES, PreferenceInputs, preference_loss
+from .reference import forward_only_logps
+
+# Held-out rewards are reported as these metrics' means over the pairs.
+_REWARD_METRICS = ("rewards", "rewards_full")
+
+
+def length_summary(lengths: list[int], stopped_at_eos: list[bool]) -> dict[str, float]:
+    """Mean and median response length (tokens, EOS excluded) and the share of responses that ended
+    with EOS (the rest hit ``--eval-max-new-tokens``)."""
+    return {
+        "eval/length_mean": float(statistics.fmean(lengths)),
+        "eval/length_median": float(statistics.median(lengths)),
+        "eval/eos_fraction": sum(stopped_at_eos) / len(stopped_at_eos),
+    }
+
+
+class VerbosityMonitor:
+    """Evaluates a trainer's policy; built by the trainer when ``--eval-interval`` is set.
+
+    Args:
+        trainer: the :class:`~sampo_megatron.training.trainer.Trainer` (its policy chunks, reference,
+            tokenizer, step context and process groups are used; nothing is changed).
+    """
+
+    def __init__(self, trainer) -> None:
+        cfg = trainer.cfg
+        ev = cfg.eval
+        if ev.eval_prompts is None and ev.eval_data_path is None:
+            raise ValueError("--eval-interval needs --eval-prompts (lengths) and/or --eval-data-path (held-out rewards)")
+        if trainer.cp_size > 1:
+            raise ValueError("the verbosity monitor (--eval-interval) does not support --context-parallel-size > 1")
+        self.trainer = trainer
+        self.interval = ev.eval_interval
+        self.output = ev.eval_output
+        self.generation = GenerationConfig(ev.eval_max_new_tokens, ev.eval_temperature, ev.eval_top_p, cfg.training.seed, ev.eval_batch_size)
+        self.prompts = read_prompts(ev.eval_prompts) if ev.eval_prompts else []
+        tokenizer = trainer.tokenizer
+        self.prompt_ids = encode_prompts(self.prompts, tokenizer, cfg.data.prompt_template)
+        self.micro_batches = self._held_out_batches() if ev.eval_data_path else []
+        if self.micro_batches and trainer.reference is None and not LOSSES[cfg.loss.loss_type].reference_free:
+            raise ValueError("held-out rewards (--eval-data-path) need the reference replica: use --ref-mode replica")
+
+    def _held_out_batches(self) -> list[dict]:
+        t, cfg = self.trainer, self.trainer.cfg
+        d = cfg.data
+        options = DataOptions(
+            cfg.training.seq_length, d.data_format, d.prompt_template, d.on_bad_record, d.min_response_tokens,
+            d.data_split, model_vocab_size=t.vocab_size,
+        )  # fmt: skip
+        pairs, bad, source = load_pairs(cfg.eval.eval_data_path, t.tokenizer, options)
+        t.logger.message(f"eval data: {source}; {bad.summary(len(pairs))}")
+        size = cfg.training.micro_batch_size
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        batches = []
+        for start in range(0, len(pairs), size):
+            # Fixed width (--seq-length): the pipeline schedule sends one shape.
+            batch = collate_pairs(pairs[start : start + size], cfg.training.seq_length, t.tokenizer.pad_id)
+            batches.append({**{k: v.to(device) for k, v in batch.items()}, "epoch": 0})
+        return batches
+
+    def due(self, iteration: int) -> bool:
+        return self.interval is not None and self.interval > 0 and iteration % self.interval == 0
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """The eval metrics of the policy as of ``iteration`` (on every rank; logged by the trainer)."""
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.prompt_ids:
+            metrics.update(self._lengths(iteration))
+        if self.micro_batches:
+            metrics.update(self._held_out_rewards())
+        metrics["eval/time_s"] = time.perf_counter() - start
+        return metrics
+
+    def _lengths(self, iteration: int) -> dict[str, float]:
+        t = self.trainer
+        results = generate_sharded(
+            t.model, self.prompt_ids, self.generation, eos_id=t.tokenizer.eos_id, pad_id=t.tokenizer.pad_id,
+            vocab_size=t.vocab_size, max_length=t.cfg.training.seq_length, sequence_parallel=t.cfg.parallel.sequence_parallel,
+        )  # fmt: skip
+        if self.output and t.logs:
+            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+            with open(self.output, "a", encoding="utf-8") as f:
+                for prompt, g in zip(self.prompts, results):
+                    record = {"iteration": iteration, "index": g.index, "prompt": prompt,
+                              "response": t.tokenizer.decode(g.response_ids), "num_tokens": g.num_tokens,
+                              "stopped_at_eos": g.stopped_at_eos}  # fmt: skip
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return length_summary([g.num_tokens for g in results], [g.stopped_at_eos for g in results])
+
+    @torch.no_grad()
+    def _held_out_rewards(self) -> dict[str, float]:
+        t = self.trainer
+        seq = t.cfg.training.seq_length
+        modes = [m.training for m in t.model]
+        for m in t.model:
+            m.eval()
+        try:
+            policy = forward_only_logps(t.model, self.micro_batches, t.ctx, seq)
+            reference = forward_only_logps(t.reference, self.micro_batches, t.ctx, seq) if t.reference is not None else None
+        finally:
+            for m, mode in zip(t.model, modes):
+                m.train(mode)
+        if policy is None:  # not the last pipeline stage
+            return {}
+        sums: dict[str, float] = {}
+        pairs = 0
+        for i, batch in enumerate(self.micro_batches):
+            out = preference_loss(
+                PreferenceInputs(policy[i], batch["response_mask"], batch["sample_ids"], None if reference is None else reference[i]),
+                t.ctx.loss,
+                epoch=0,
+            )
+            for name, values in out.metrics.items():
+                if name.split("/")[0] in _REWARD_METRICS or name.startswith("logps_full/"):
+                    sums[f"eval/{name}"] = sums.get(f"eval/{name}", 0.0) + float(values.double().sum())
+            pairs += out.losses.numel()
+        return {name: total / pairs for name, total in sums.items()}

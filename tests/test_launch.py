@@ -1,0 +1,108 @@
+"""Launchers: torchrun, srun-style (one process per rank, only SLURM_* variables) and mpirun give
+the same training; and the SLURM / MPI environment mapping (sampo_megatron/training/launch_env.py)."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sampo_megatron.training.launch_env import first_host, launch_env, launcher, slurm_env, slurm_port
+from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
+
+LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
+FLAGS = ["--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"), "--train-iters", "2", "--log-interval", "1"]
+# Variables a launcher sets: none may leak from the test's own environment into the srun/MPI runs.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("gpu[007-009,012],login1") == "gpu007"
+    assert first_host("rack[2-3]-n[01-04]") == "rack2-n01"
+    assert first_host("node17") == "node17"
+    assert first_host("a,b[1-2]") == "a"
+    with pytest.raises(ValueError, match="unbalanced"):
+        first_host("gpu[01-02")
+
+
+def test_slurm_variables_map_to_torch_rendezvous():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "h100-[03-04]", "SLURM_JOB_ID": "123456"}
+    assert launcher(env) == "slurm"
+    assert slurm_env(env) == {
+        "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "h100-03", "MASTER_PORT": str(20000 + 123456 % 20000),
+    }  # fmt: skip
+    assert slurm_port(123456) == slurm_port("123456")
+    # torchrun inside an allocation (one srun task per node): torchrun's RANK wins, nothing is mapped
+    assert launch_env({**env, "RANK": "3"}) == ("torchrun", {})
+    # a user's MASTER_ADDR / MASTER_PORT win over the derived ones
+    assert slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"})["MASTER_ADDR"] == "10.0.0.1"
+    assert launcher({"OMPI_COMM_WORLD_RANK": "0"}) == "mpi" and launcher({}) == "single"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in torchrun_env().items() if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC"))}
+    env.update(extra)
+    return env
+
+
+def run_all(commands_envs, timeout=300) -> list[str]:
+    """Start every (command, env) at once (ranks of one job), wait for all; their outputs."""
+    procs = []
+    for cmd, env in commands_envs:
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+            assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{out[-5000:]}"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return outputs
+
+
+def losses(path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+def test_srun_and_mpirun_train_like_torchrun(tmp_path):
+    def flags(name):
+        # --save "": no checkpoint (the YAML's save directory is not wanted here)
+        return [*FLAGS, "--save", "", "--metrics-file", str(tmp_path / name / "metrics.jsonl")]
+
+    run_torchrun(LAUNCH, 2, *flags("torchrun"))
+    expected = losses(tmp_path / "torchrun" / "metrics.jsonl")
+    assert len(expected) == 2
+
+    # srun --ntasks 2: each task gets only SLURM_* variables; the port derives from the job id
+    port = free_port()
+    while not 20000 <= port < 40000:  # a port the job-id rule can name (20000 + id mod 20000)
+        port = free_port()
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
+    ranks = [
+        ([sys.executable, str(LAUNCH), *flags("srun")], clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+        for r in range(2)
+    ]  # fmt: skip
+    run_all(ranks)
+    assert losses(tmp_path / "srun" / "metrics.jsonl") == pytest.approx(expected, rel=1e-6)
+
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "Open MPI is missing: .ci/run installs it (apt-get install openmpi-bin libopenmpi-dev)"
+    # Open MPI refuses root unless told; --oversubscribe: 2 ranks may exceed the slots it detects.
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [mpirun, "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, str(LAUNCH), *flags("mpi")]
+    run_all([(cmd, env)])
+    assert losses(tmp_path / "mpi" / "metrics.jsonl") == pytest.approx(expected, rel=1e-6)
