@@ -172,8 +172,22 @@ def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path):
     assert_same_steps(continued, straight[3:], rel=1e-5)
 
 
+def test_distributed_optimizer_checkpoint_resumes_with_the_regular_optimizer(tmp_path):
+    """DP2 with --use-distributed-optimizer saves at step 3; the regular fp32 optimizer resumes from it
+    and continues as the uninterrupted run (moments and Adam's step carried over). The other way
+    round is refused with a clear error instead of megatron-core's KeyError."""
+    dp2 = ["--tensor-model-parallel-size", "1", "--train-iters", "6"]
+    straight, _ = train(tmp_path, "distopt", 2, *dp2, "--use-distributed-optimizer", "--save-interval", "3")
+    source = tmp_path / "distopt" / "ckpt"
+    (source / "latest_checkpointed_iteration.txt").write_text("3\n")
+    continued, out = train(tmp_path, "regular", 2, *dp2, "--load", str(source), "--save-interval", "5")
+    assert "at iteration 3" in out
+    assert_same_steps(continued, straight[3:], rel=1e-5)
 
-
+    regular = tmp_path / "regular" / "ckpt"
+    _, proc = train(tmp_path, "back", 2, *dp2, "--use-distributed-optimizer", "--load", str(regular), check=False)
+    assert proc.returncode != 0
+    assert "saved without --use-distributed-optimizer" in proc.stdout + proc.stderr
 
 
 # bf16 rounds weights, activations and gradients to an 8-bit significand (unit roundoff

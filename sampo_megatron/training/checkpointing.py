@@ -180,6 +180,31 @@ def has_key(ckpt_dir: str, key: str) -> bool:
     return any(name.startswith(key + ".") for name in tensors)
 
 
+def check_optimizer_state(ckpt_dir: str, distributed: bool, mixed_precision: bool) -> None:
+    """Refuse, with a clear error, optimizer state that this run's optimizer cannot read.
+
+    The distributed optimizer keeps fp32 main weights as ``optimizer.state.param.*``; the regular
+    16-bit optimizer as ``optimizer.state.fp32_param.*``; the regular fp32 one keeps none (its
+    weights are the model's). A distributed-optimizer checkpoint resumes with the regular fp32
+    optimizer (see :func:`_complete_param_groups`); the other crossings would fail deep inside
+    megatron-core with a ``KeyError``.
+    """
+    from megatron.core import dist_checkpointing
+
+    names = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    if not any(name.startswith("optimizer.") for name in names):
+        return  # no optimizer state (a converted checkpoint)
+    saved_distributed = any(name.startswith("optimizer.state.param.") for name in names)
+    hint = "resume with the setting it was saved with, or start from its weights only with --finetune"
+    if distributed and not saved_distributed:
+        raise ValueError(f"{ckpt_dir}: its optimizer state was saved without --use-distributed-optimizer; {hint}")
+    if saved_distributed and not distributed and mixed_precision:
+        raise ValueError(
+            f"{ckpt_dir}: its optimizer state was saved with --use-distributed-optimizer, which a --bf16/--fp16 run "
+            f"reads only with --use-distributed-optimizer; {hint}"
+        )
+
+
 def load_checkpoint(ckpt_dir: str, chunks, contents: CheckpointContents, dp_group=None) -> dict:
     """Load into ``chunks`` (and optimizer / reference when given) from any TP/PP layout.
 
@@ -193,12 +218,39 @@ def load_checkpoint(ckpt_dir: str, chunks, contents: CheckpointContents, dp_grou
     if contents.reference_chunks is not None:
         load_model_state(contents.reference_chunks, state["reference"])
     if contents.optimizer is not None:
+        _complete_param_groups(contents.optimizer, state["optimizer"])
         _restore_zero_adam_step(contents.optimizer, state["optimizer"])
         with _adam_steps_set_aside(contents.optimizer):
             contents.optimizer.load_state_dict(state["optimizer"])
         _untie_adam_steps(contents.optimizer)
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     return {k: common[k] for k in ("run_state", "scheduler") if k in common}
+
+
+def _complete_param_groups(optimizer, loaded: dict) -> None:
+    """Read a distributed-optimizer checkpoint into a regular optimizer (e.g. resuming on fewer GPUs
+    without ``--use-distributed-optimizer``).
+
+    The loaded param groups then hold only ``params``: the checkpoint keeps the groups, with Adam's
+    ``step``, under ``optimizer.param_groups``, and the moments without a ``step``. megatron-core
+    (0.16.1) would fail with ``KeyError: 'pre_wd_mult'`` matching the groups, then torch's Adam with
+    ``KeyError: 'step'``. The groups get the checkpoint's hyper-parameters (the running optimizer's
+    when absent: same grouping of the same model, in the same order) and the moments the
+    checkpoint's step as the ``common_step`` the regular optimizer restores per parameter.
+    """
+    groups = loaded.get("param_groups") if isinstance(loaded, dict) else None
+    if not groups or all(len(group) > 1 for group in groups):
+        return  # a regular checkpoint: complete groups
+    saved = (loaded.get("optimizer") or {}).get("param_groups") or []
+    running = getattr(optimizer, "param_groups", None) or []
+    for i, group in enumerate(groups):
+        for source in (saved[i] if i < len(saved) else {}, running[i] if i < len(running) else {}):
+            for key, value in source.items():
+                group.setdefault(key, value)
+    steps = {group.pop("step") for group in groups if "step" in group}
+    torch_state = loaded.get("state")
+    if len(steps) == 1 and torch_state and not any("step" in s for s in torch_state.values() if isinstance(s, dict)):
+        torch_state.setdefault("common_step", torch.tensor(float(steps.pop())))
 
 
 def _torch_adams(optimizer, distributed_only: bool = False) -> list:

@@ -19,7 +19,9 @@ from ..models.architecture import adopt_architecture, run_architecture, write_ar
 from ..models.gpt import build_model_chunks, check_fp8_available, model_vocab_sizes, transformer_config
 from ..models.response_logits import install_output_selection
 from ..models.weights import initialize_deterministically
-from .checkpointing import CheckpointContents, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    CheckpointContents, check_optimizer_state, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint,
+)
 from .launch_env import apply_launch_env
 from .metrics import MetricsLogger
 from .monitor import VerbosityMonitor
@@ -291,6 +293,8 @@ class Trainer:
             load_checkpoint(ckpt, self.chunks, CheckpointContents(), dp_group)
             self.state.reference_source = {"kind": "checkpoint", "path": os.path.abspath(ckpt)}
         else:
+            tr = cfg.training
+            check_optimizer_state(ckpt, cfg.parallel.use_distributed_optimizer, tr.bf16 or tr.fp16)
             common = load_checkpoint(ckpt, self.chunks, CheckpointContents(optimizer=self.optimizer), dp_group)
             self.state = RunState(**common["run_state"])
             self.scheduler.load_state_dict(common["scheduler"])
