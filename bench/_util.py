@@ -24,7 +24,8 @@ class Activation(torch.autograd.Function):
         return torch.zeros(1), None
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``, ...) in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -41,10 +42,10 @@ def peak_rss_window():
     """
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = _status_kib("VmRSS")
+    start = status_kib("VmRSS")
     result: dict = {}
     yield result
-    result["extra_bytes"] = (_status_kib("VmHWM") - start) * 1024
+    result["extra_bytes"] = (status_kib("VmHWM") - start) * 1024
 
 
 def best_time(fn, repeats: int, setup=None) -> float:

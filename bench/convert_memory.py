@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _util import machine, print_result  # noqa: E402
+from _util import machine, print_result, status_kib  # noqa: E402
 
 TARGET_RATIO = 0.3
 # Llama-like shapes; the layer count is chosen to reach the target size.
@@ -103,14 +103,6 @@ def write_synthetic(path: str, target_bytes: int) -> int:
     return total
 
 
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _child(direction: str, src: str, dst: str) -> None:
     """Runs one conversion; prints the RSS after imports (the interpreter + torch floor) and the
     process's peak RSS (VmHWM) at the end."""
@@ -120,13 +112,13 @@ def _child(direction: str, src: str, dst: str) -> None:
     from sampo_megatron.convert.memory import return_freed_memory_to_os
 
     return_freed_memory_to_os()  # as the command-line tools do
-    baseline = _vm_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     emit = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if direction == "hf_to_megatron":
         convert_hf_to_megatron(src, dst, tensor_model_parallel_size=2, emit=emit)
     else:
         convert_megatron_to_hf(src, dst, max_shard_bytes=10**9, emit=emit)
-    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": _vm_kib("VmHWM") * 1024}), flush=True)
+    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": status_kib("VmHWM") * 1024}), flush=True)
 
 
 def measure(direction: str, src: str, dst: str) -> dict:

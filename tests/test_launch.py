@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from sampo_megatron.training.launch_env import first_host, launch_env, launcher, slurm_env, slurm_port
+from sampo_megatron.training.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
 from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
@@ -42,12 +41,6 @@ def test_slurm_variables_map_to_torch_rendezvous():
     # a user's MASTER_ADDR / MASTER_PORT win over the derived ones
     assert slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"})["MASTER_ADDR"] == "10.0.0.1"
     assert launcher({"OMPI_COMM_WORLD_RANK": "0"}) == "mpi" and launcher({}) == "single"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra) -> dict:

@@ -19,6 +19,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ..data.batches import padded_length
 from .sampling import select_next_tokens, uniform_draws
 
 
@@ -71,11 +72,9 @@ def _next_logits(chunks, tokens: torch.Tensor, lengths: torch.Tensor, sequence_p
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    width = int(lengths.max())
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if sequence_parallel and width % tp:
-        width += tp - width % tp  # sequence parallelism splits the sequence over TP ranks
-    width = min(width, tokens.shape[1])
+    # sequence parallelism splits the sequence over TP ranks
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    width = padded_length(int(lengths.max()), tokens.shape[1], multiple)
     batch = {
         "tokens": tokens[:, :width].contiguous(),
         "position_ids": torch.arange(width, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1).contiguous(),
