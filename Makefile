@@ -1,6 +1,6 @@
 # Two commands do everything: `make demo` and `make test`. Both create .venv when it is missing.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION := 2.13.0
 
@@ -8,18 +8,11 @@ TORCH_CPU_VERSION := 2.13.0
 
 install: $(VENV)/.installed
 
-# CPU torch goes in first so that nothing pulls a multi-GB CUDA build; on a machine that already has a
-# CUDA torch (an NGC container, venv created with --system-site-packages) the existing torch is kept.
-$(VENV)/.installed: setup.py
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-		echo "keeping the installed CUDA torch"; \
-	else \
-		$(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); \
-	fi
-	$(PY) -m pip install -q -e ".[dev]"
-	@touch $@
+# tools/setup_venv.py decides from what $(PYTHON) already has: with a CUDA torch (an NGC container)
+# the venv sees the system packages and torch / Transformer Engine / apex are pinned as installed;
+# otherwise CPU torch goes in first so that nothing pulls a multi-GB CUDA build.
+$(VENV)/.installed: setup.py pyproject.toml tools/setup_venv.py
+	$(PYTHON) tools/setup_venv.py --venv $(VENV) --cpu-torch $(TORCH_CPU_VERSION)
 
 test: install
 	$(PY) -m pytest -q tests
@@ -42,11 +35,13 @@ bench: install
 	$(PY) bench/sampo_vs_loop.py
 	$(PY) bench/vs_trl.py
 
-# Wheels bench/gpu_check.sh installs on a GPU machine without network (Python 3.12; that machine's
-# torch is used, so --no-deps: megatron-core's torch requirement would fetch a CUDA build).
+# Wheels bench/gpu_check.sh installs on a GPU machine without network: Python 3.12, so the megatron-core
+# of the Python 3.12 leg (that machine's torch is used, so --no-deps: megatron-core's torch
+# requirement would fetch a CUDA build).
+GPU_MEGATRON_CORE := 0.19.2
 gpu-wheels: install
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux_2_28_x86_64 -d bench/gpu_wheels megatron-core==0.16.1 numpy packaging
+		--platform manylinux_2_28_x86_64 -d bench/gpu_wheels megatron-core==$(GPU_MEGATRON_CORE) numpy packaging
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,18 +1,39 @@
 """sampo-megatron: SamPO (length-debiased DPO) on megatron-core."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+# The one version string: sampo_megatron/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "sampo_megatron" / "__init__.py").read_text(), re.M).group(1)
+
+EXTRAS = {
+    "gpu": ["transformer-engine[pytorch]"],
+    "mpi": ["mpi4py"],
+    # parquet and datasets-directory readers, and the preprocessing histogram PNG (docs/data.md)
+    "data": ["pyarrow", "datasets", "matplotlib"],
+    "tensorboard": ["tensorboard"],  # --tensorboard-dir
+}
+# dev: the test tools plus every extra that runs on CPU (mpi4py: tests/test_launch.py's mpirun
+# launch, with Open MPI from .ci/run's apt-get). The gpu extra cannot be installed without CUDA.
+EXTRAS["dev"] = sorted({"pytest", "pytest-timeout", "ruff"} | {r for k in ("mpi", "data", "tensorboard") for r in EXTRAS[k]})
 
 setup(
     name="sampo-megatron",
-    version="0.1.0",
+    version=VERSION,
     description="SamPO / DPO preference training on megatron-core with tensor, pipeline and context parallelism",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["sampo_megatron", "sampo_megatron.*"]),
     install_requires=[
         "torch>=2.3",
-        "megatron-core>=0.16.1",
+        # The tested release lines (sampo_megatron/compat/version.py, docs/compatibility.md): 0.16.x is
+        # the last line that installs on Python 3.11; Python 3.12 gets 0.19.x, as on NGC containers.
+        "megatron-core>=0.16.1,<0.17; python_version < '3.12'",
+        "megatron-core>=0.19.2,<0.20; python_version >= '3.12'",
         "numpy",
         "sentencepiece",
         "tokenizers",
@@ -21,13 +42,5 @@ setup(
         "psutil",  # megatron-core's async checkpoint writer needs it
         "pyyaml",
     ],
-    extras_require={
-        "gpu": ["transformer-engine[pytorch]"],
-        "mpi": ["mpi4py"],
-        # parquet and datasets-directory readers, and the preprocessing histogram PNG (docs/data.md)
-        "data": ["pyarrow", "datasets", "matplotlib"],
-        "tensorboard": ["tensorboard"],  # --tensorboard-dir
-        # mpi4py: tests/test_launch.py's mpirun launch (Open MPI from .ci/run's apt-get)
-        "dev": ["pytest", "pytest-timeout", "pyarrow", "datasets", "matplotlib", "tensorboard", "mpi4py"],
-    },
+    extras_require=EXTRAS,
 )

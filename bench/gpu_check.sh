@@ -10,7 +10,8 @@
 #   make gpu-wheels
 # which runs (--no-deps: megatron-core requires torch, and pip would fetch a CUDA torch):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-#       -d bench/gpu_wheels megatron-core==0.16.1 numpy packaging
+#       -d bench/gpu_wheels megatron-core==0.19.2 numpy packaging
+# (0.19.2: the megatron-core of the Python 3.12 leg, docs/compatibility.md)
 #
 #   bash bench/gpu_check.sh                 # prints one JSON line last; also writes $OUT/gpu_check.json
 #   CPU_SMOKE=1 bash bench/gpu_check.sh     # the same script on CPU with a tiny model

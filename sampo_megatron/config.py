@@ -153,6 +153,13 @@ class TrainingConfig:
     response_logits_only: bool = True
     """Project through the output layer only the positions whose target is a response token (no
     logits at prompt or padding positions)."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop the run, before the optimizer step and before any save, at the first step whose loss or
+    gradient norm is not finite (NaN or Inf); the latest checkpoint marker keeps naming the last
+    sound checkpoint."""
+    skip_nonfinite_steps: bool = False
+    """Instead of stopping, skip a step whose loss or gradient norm is not finite (no update, the
+    learning-rate schedule does not advance); skipped steps are counted in the metric skipped_steps."""
 
 
 @dataclass
@@ -203,6 +210,18 @@ class CheckpointConfig:
     """Save every N steps (and at the end)."""
     finetune: bool = False
     """Load only the model weights from --load (new optimizer, schedule and data position)."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take the learning-rate schedule and optimizer hyper-parameters (--lr, --min-lr,
+    --lr-decay-style, --lr-warmup-fraction, --train-iters, --weight-decay, Adam's, --clip-grad) from
+    this run's flags instead of refusing a change from the checkpoint's."""
+    verify_checkpoint: bool = True
+    """Check a checkpoint's files against its manifest (size and SHA-256) before loading it."""
+    checkpoint_fallback: bool = True
+    """When the latest checkpoint of a run directory is damaged, load the newest older one that
+    verifies (loudly) instead of stopping."""
+    trust_checkpoint: bool = False
+    """Skip the allow-list check of the pickles in a torch_dist checkpoint (.metadata and non-tensor
+    items): only for checkpoints from a source you trust (docs/checkpoints.md)."""
 
 
 @dataclass

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrun_util import REPO_ROOT, run_torchrun
-
 from sampo_megatron.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from sampo_megatron.convert.safetensors_io import TensorEntry, read_header, read_tensor, write_safetensors
 from sampo_megatron.convert.torch_dist_reader import TorchDistReader
+
+from torchrun_util import REPO_ROOT, run_torchrun
 
 TOKENIZER = REPO_ROOT / "examples" / "data" / "tiny_tokenizer"
 PAIRS = REPO_ROOT / "examples" / "data" / "tiny_pairs.jsonl"

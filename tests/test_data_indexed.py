@@ -164,3 +164,30 @@ def test_command_line_tool(tmp_path, capsys):
     args = ["--input", str(bad), "--output-prefix", str(tmp_path / "b"), "--tokenizer-model", str(TOKENIZER_DIR), "--no-progress"]
     assert tool.main(args) == 1
     assert f"{bad}:1: field 'chosen' is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split_by_length", [(), ("long", "short")])
+def test_tied_pairs_are_written_once(tmp_path, tok, split_by_length):
+    """A pair whose responses have equal token counts (a tie) belongs to the whole set once and to
+    neither long/short subset: the indexed set equals the raw file pair for pair."""
+    records = [json.loads(line) for line in PAIRS.read_text().splitlines()[:40]]
+    for record in records[::2]:  # every other pair: the chosen words in reverse order, usually a tie
+        record["rejected"] = " ".join(reversed(record["chosen"].split()))
+    source = tmp_path / "ties.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw, _, _ = load_pairs(str(source), tok, DataOptions(512))
+    ties = sum(len(p.chosen_ids) == len(p.rejected_ids) for p in raw)
+    assert ties >= 10, "the test data should hold ties"
+
+    prefix = tmp_path / "ties"
+    summary = run(source, prefix, workers=1, split_by_length=split_by_length)
+    indexed, _, _ = load_pairs(str(prefix), tok, DataOptions(512))
+    assert summary["pairs"] == len(indexed) == len(raw) == 40
+    assert list(indexed) == raw  # same pairs, same sample ids
+    report = json.loads(Path(summary["stats"]).read_text())
+    assert report["num_pairs"] == 40 and report["tie_share"] == pytest.approx(ties / 40)
+    if split_by_length:
+        long, _, _ = load_pairs(str(prefix) + "_long", tok, DataOptions(512))
+        short, _, _ = load_pairs(str(prefix) + "_short", tok, DataOptions(512))
+        assert len(long) + len(short) + ties == 40
+        assert report["subsets"]["long"]["num_pairs"] == len(long) and report["subsets"]["short"]["num_pairs"] == len(short)

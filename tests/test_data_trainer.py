@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from torchrun_util import REPO_ROOT, run_torchrun
-
 from sampo_megatron.data.preprocess import PreprocessConfig, preprocess
+
+from torchrun_util import REPO_ROOT, run_torchrun
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
 DATA = REPO_ROOT / "examples" / "data"

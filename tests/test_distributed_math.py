@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import kl_reference, logprobs_reference, max_rel_error
 from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
+
+from reference import kl_reference, logprobs_reference, max_rel_error
 from torchrun_util import WORKERS, run_torchrun
 
 sys.path.insert(0, str(WORKERS))

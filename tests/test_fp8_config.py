@@ -8,6 +8,7 @@ import pytest
 
 from sampo_megatron.config import parse_config
 from sampo_megatron.models.gpt import fp8_unavailable_reason, transformer_config
+
 from torchrun_util import REPO_ROOT, torchrun_env
 
 FP8 = ["--num-layers", "6", "--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",

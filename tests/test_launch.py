@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from sampo_megatron.training.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
+
 from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"

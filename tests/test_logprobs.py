@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from reference import kl_reference, logprobs_reference, max_rel_error
 from sampo_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
+
+from reference import kl_reference, logprobs_reference, max_rel_error
 
 
 def _inputs(dtype, s=24, b=3, v=301, seed=0):

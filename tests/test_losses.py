@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from test_masks import _debias_inputs, _layout
 
 from sampo_megatron.losses import DEBIAS, LOSSES, LossConfig, PreferenceInputs, RunningMean, preference_loss
-from test_masks import _debias_inputs, _layout
 
 CHOSEN = [6, 14, 9, 3]
 REJECTED = [10, 5, 9, 12]
@@ -60,7 +60,7 @@ def _sequence_values(mask, index, policy, ref, kl, debias, cfg):
     return rows[:B], rows[B:]
 
 
-def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):
+def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):  # noqa: E741 (w, l: the paper's winner, loser)
     b = cfg.beta
     rw, rl = w["pi"] - w["ref"], l["pi"] - l["ref"]
     u = rw - rl

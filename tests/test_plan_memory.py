@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from sampo_megatron.planning import PRESETS, Layout, ModelShape, check_layout, LayoutError, plan_memory
+from sampo_megatron.planning import PRESETS, Layout, LayoutError, ModelShape, check_layout, plan_memory
 from sampo_megatron.planning.memory import stage_params
+
 from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
 
 SHIPPED = REPO_ROOT / "examples" / "data" / "tiny_pairs.jsonl"

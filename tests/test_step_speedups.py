@@ -10,6 +10,7 @@ import torch
 from sampo_megatron.data import collate_pairs
 from sampo_megatron.data.batches import PairBatches, PairDataset, padded_length
 from sampo_megatron.data.pairs import PreferencePair
+
 from torchrun_util import REPO_ROOT, run_torchrun
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"

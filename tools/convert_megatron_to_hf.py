@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--max-position-embeddings", type=int, default=4096, help="for a model without a source config")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --hf-out")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="skip the allow-list check of the checkpoint's pickles (only for checkpoints you trust)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         max_shard_bytes=args.max_shard_size,
         max_position_embeddings=args.max_position_embeddings,
         overwrite=args.overwrite,
+        trust_checkpoint=args.trust_checkpoint,
         quiet=args.quiet,
     )
 

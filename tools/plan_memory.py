@@ -16,7 +16,16 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sampo_megatron.planning import PRESETS, Layout, LayoutError, check_layout, format_plan, load_shape, plan_memory, search_layouts  # noqa: E402
+from sampo_megatron.planning import (  # noqa: E402
+    PRESETS,
+    Layout,
+    LayoutError,
+    check_layout,
+    format_plan,
+    load_shape,
+    plan_memory,
+    search_layouts,
+)
 from sampo_megatron.planning.memory import GIB  # noqa: E402
 
 

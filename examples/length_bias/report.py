@@ -138,7 +138,7 @@ def write_report(path: str, sft_dir: str, runs: dict[str, str], data: dict, sett
         "  independent by construction.",
         f"- **SFT warm-up** from scratch on {len(open(data['sft']).readlines())} examples, right answer in "
         f"{task.SFT_CORRECT_SHARE:.0%} of them, filler count uniform: {settings['sft_iters']} steps, lr {settings['sft_lr']}.",
-        f"- **Preference pairs**: chosen = right answer, rejected = wrong answer (off by 1-3), each with its own",
+        "- **Preference pairs**: chosen = right answer, rejected = wrong answer (off by 1-3), each with its own",
         f"  filler count. Mixed set: chosen longer in {settings['long_chosen_share']:.0%} of the pairs; the *long* /",
         "  *short* subsets: chosen always longer / always shorter (the paper's UltraFeedback long/short split).",
         f"- **Runs** from the same SFT checkpoint (policy and reference): {settings['pref_iters']} steps of 32 pairs,",

@@ -1,8 +1,26 @@
-"""Compatibility layers that let megatron-core run where it normally would not (CPU-only machines).
+"""Every megatron-core workaround of sampo-megatron, keyed by the release line it is for.
 
-Nothing here imports megatron-core at import time; :func:`apply_cpu_compat` does, when it is called.
+- :mod:`.version`: the tested release lines (0.16 on Python 3.11, 0.19 on Python 3.12) and the
+  start-up check (a clear error outside them; ``SAMPO_ALLOW_UNTESTED_MEGATRON=1`` to run anyway).
+- :mod:`.cpu`: the CPU layer (active only without CUDA), with each site per release line.
+- :mod:`.optimizer_state`: torch-Adam optimizer state at checkpoint save/load (both lines).
+- :mod:`.checkpoint_writer`: stopping the torch_dist writer's helper process (both lines).
+- :mod:`.output_layer`: what the response-logits hook relies on in the output layer (both lines).
+
+Each workaround asserts that what it patches exists in the installed release, so a release that
+moves a site fails loudly instead of the patch becoming a silent no-op. Nothing here imports
+megatron-core at import time.
 """
 
-from .cpu import apply_cpu_compat, model_parallel_manual_seed
+from .cpu import CompatError, apply_cpu_compat, model_parallel_manual_seed
+from .version import ALLOW_UNTESTED_ENV, RELEASE_LINES, UnsupportedMegatronError, release_line
 
-__all__ = ["apply_cpu_compat", "model_parallel_manual_seed"]
+__all__ = [
+    "ALLOW_UNTESTED_ENV",
+    "RELEASE_LINES",
+    "CompatError",
+    "UnsupportedMegatronError",
+    "apply_cpu_compat",
+    "model_parallel_manual_seed",
+    "release_line",
+]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
@@ -13,25 +12,6 @@ from .safetensors_io import TensorInfo, read_header, read_tensor
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-# Files that make up a tokenizer (Hugging Face fast/slow tokenizers, sentencepiece, tiktoken).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "qwen.tiktoken",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-TOKENIZER_DIRS = ("additional_chat_templates",)
-
-
 def read_json(path: str, what: str) -> dict:
     """Parse a JSON object file, with errors that name the file."""
     if not os.path.isfile(path):
@@ -44,26 +24,6 @@ def read_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a JSON object")
     return data
-
-
-def tokenizer_files(directory: str) -> list[str]:
-    """Names of the tokenizer files and folders present in ``directory``."""
-    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))]
-    return names + [n for n in TOKENIZER_DIRS if os.path.isdir(os.path.join(directory, n))]
-
-
-def copy_tokenizer(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer files of ``src`` into ``dst`` (created); returns the names copied."""
-    names = tokenizer_files(src)
-    if names:
-        os.makedirs(dst, exist_ok=True)
-    for name in names:
-        source = os.path.join(src, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(dst, name), dirs_exist_ok=True)
-        else:
-            shutil.copyfile(source, os.path.join(dst, name))
-    return names
 
 
 class _BinFile:

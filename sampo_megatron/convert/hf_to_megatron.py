@@ -5,6 +5,7 @@ Output directory::
     OUT/metadata.json, .metadata, __0_*.distcp, common.pt   the torch_dist checkpoint (model weights)
     OUT/sampo_model.json                                     architecture + source HF config
     OUT/tokenizer/                                           the source's tokenizer files
+    OUT/manifest.json                                        size and SHA-256 of every file (checked on load)
 
 ``--load OUT`` and ``--ref-load OUT`` then build the right model (no architecture flags) and
 ``--tokenizer-model`` defaults to ``OUT/tokenizer``.
@@ -18,12 +19,14 @@ from collections.abc import Callable
 
 import torch
 
+from ..checkpoint import digest_files, list_files, write_manifest
 from ..config import ModelConfig
+from ..data.tokenizer import copy_tokenizer
 from ..models.architecture import ARCHITECTURE_FILE, CheckpointArchitecture, model_architecture, write_architecture
 from ..models.gpt import ffn_hidden_size, padded_vocab_size
 from .errors import ConversionError
 from .families import model_from_hf
-from .hf_checkpoint import CONFIG_FILE, HFCheckpoint, copy_tokenizer
+from .hf_checkpoint import CONFIG_FILE, HFCheckpoint
 from .layouts import EXTRA_STATE_MODULES, IGNORED_HF_SUFFIXES, LAYER_PREFIX, Rule, fuse_qkv, rules_for
 from .progress import Progress, stderr_lines
 from .torch_dist_writer import Chunk, ObjectSpec, TensorSpec, write_torch_dist
@@ -215,6 +218,8 @@ def convert_hf_to_megatron(
         ),
     )
     write_torch_dist(save_dir, tensors, _extra_states(model), on_written=lambda key, n: progress.advance(n, key))
+    # Size and SHA-256 of every file, verified before a load (sampo_megatron/checkpoint/manifest.py).
+    write_manifest(save_dir, digest_files(save_dir, list_files(save_dir)))
     progress.message("done")
     return model
 

@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..checkpoint import CheckpointDamagedError, UnsafeCheckpointError, check_torch_dist_pickles, read_manifest, verify_files
+from ..data.tokenizer import copy_tokenizer, tokenizer_files
 from ..models.architecture import read_architecture
 from .errors import ConversionError
 from .families import FAMILIES, Family, export_hf_config, family_of, infer_family
-from .hf_checkpoint import CONFIG_FILE, GENERATION_CONFIG_FILE, copy_tokenizer, tokenizer_files
+from .hf_checkpoint import CONFIG_FILE, GENERATION_CONFIG_FILE
 from .layouts import Rule, rules_for, to_hf
 from .progress import Progress, stderr_lines
 from .safetensors_io import TensorEntry, plan_shards, shard_file_names, write_index, write_safetensors
@@ -111,6 +113,20 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
+def _check_files(ckpt: str, trust_checkpoint: bool) -> None:
+    """Refuse a damaged checkpoint (manifest mismatch) and, unless trusted, pickles outside the
+    allow-list, before anything of it is unpickled."""
+    try:
+        manifest = read_manifest(ckpt)
+        problems = verify_files(ckpt, manifest, sorted(manifest)) if manifest is not None else []
+        if not trust_checkpoint:
+            check_torch_dist_pickles(ckpt)
+    except (CheckpointDamagedError, UnsafeCheckpointError) as err:
+        problems = [str(err)]
+    if problems:
+        raise ConversionError(f"{ckpt} cannot be exported: " + "; ".join(problems))
+
+
 def convert_megatron_to_hf(
     load: str,
     hf_out: str,
@@ -121,6 +137,7 @@ def convert_megatron_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     max_position_embeddings: int = 4096,
     overwrite: bool = False,
+    trust_checkpoint: bool = False,
     emit: Callable[[str], None] | None = stderr_lines,
 ) -> str:
     """Export a checkpoint to a Hugging Face model directory (see the module docstring).
@@ -135,6 +152,8 @@ def convert_megatron_to_hf(
         max_shard_bytes: maximum size of one safetensors file.
         max_position_embeddings: for a config written without a source config.
         overwrite: replace the files in an existing ``hf_out``.
+        trust_checkpoint: skip the allow-list check of the checkpoint's pickles (checkpoint/safe_pickle.py);
+            its files are verified against its manifest either way, when it has one.
         emit: sink for progress lines (``None``: silent).
 
     Returns:
@@ -145,6 +164,7 @@ def convert_megatron_to_hf(
             or tensors that do not match the architecture.
     """
     ckpt = resolve_checkpoint_dir(load)
+    _check_files(ckpt, trust_checkpoint)
     arch = read_architecture(ckpt)
     if arch is None:
         raise ConversionError(f"{ckpt}: missing file sampo_model.json (the architecture); only checkpoints written by "

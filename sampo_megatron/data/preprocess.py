@@ -110,7 +110,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             except BadRecord as bad:
                 log.handle(bad)
                 continue
-            for key in (None, split_of(result)):
+            # The whole set, plus the pair's long/short subset (a tie, split None, belongs to no subset).
+            split = split_of(result)
+            for key in (None,) if split is None else (None, split):
                 if key in writers:
                     writers[key].add(result, location.number)
                     stats[key].add(result)

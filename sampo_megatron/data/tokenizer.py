@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Protocol, runtime_checkable
 
 TOKENIZER_TYPES = ("auto", "huggingface", "sentencepiece")
@@ -165,3 +166,60 @@ def load_tokenizer(path: str, tokenizer_type: str = "auto") -> Tokenizer:
     if tokenizer_type == "huggingface":
         return HuggingFaceTokenizer(path)
     return SentencePieceTokenizer(path)
+
+
+# Files that make up a tokenizer (Hugging Face fast/slow tokenizers, sentencepiece, tiktoken).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "qwen.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_DIRS = ("additional_chat_templates",)
+
+
+def tokenizer_files(directory: str) -> list[str]:
+    """Names of the tokenizer files and folders present in ``directory``."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))]
+    return names + [n for n in TOKENIZER_DIRS if os.path.isdir(os.path.join(directory, n))]
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer files of ``src`` into ``dst`` (created); returns the names copied."""
+    names = tokenizer_files(src)
+    if names:
+        os.makedirs(dst, exist_ok=True)
+    for name in names:
+        source = os.path.join(src, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(dst, name), dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, os.path.join(dst, name))
+    return names
+
+
+def copy_tokenizer_into(path: str, dst_dir: str) -> str:
+    """Copy the tokenizer at ``path`` (a Hugging Face directory or a sentencepiece ``.model`` file)
+    into the directory ``dst_dir``; returns the path that loads the copy (``dst_dir`` itself, or the
+    copied ``.model`` file inside it).
+
+    Raises:
+        FileNotFoundError: ``path`` holds no tokenizer files.
+    """
+    if os.path.isdir(path):
+        if not copy_tokenizer(path, dst_dir):
+            raise FileNotFoundError(f"{path}: no tokenizer files to copy (expected e.g. tokenizer.json)")
+        return dst_dir
+    os.makedirs(dst_dir, exist_ok=True)
+    target = os.path.join(dst_dir, os.path.basename(path))
+    shutil.copyfile(path, target)
+    return target

@@ -12,7 +12,7 @@ from ..config import RunConfig
 from ..data import load_tokenizer
 from ..models.architecture import adopt_architecture
 from ..models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
-from ..training.checkpointing import CheckpointContents, load_checkpoint, resolve_checkpoint
+from ..training.checkpointing import CheckpointContents, load_checkpoint, resolve_checkpoint, select_checkpoint
 
 
 def _init_distributed() -> None:
@@ -62,6 +62,8 @@ def load_for_generation(cfg: RunConfig):
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     vocab, padded = model_vocab_sizes(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     chunks = build_model_chunks(cfg.model, tconfig, padded, cfg.training.seq_length)
+    c = cfg.checkpoint  # verified before anything of it is unpickled (training/checkpointing.py)
+    ckpt = select_checkpoint(cfg.checkpoint.load, c.verify_checkpoint, fallback=False, trust=c.trust_checkpoint)
     load_checkpoint(ckpt, chunks, CheckpointContents(), parallel_state.get_data_parallel_group(with_context_parallel=True))
     for chunk in chunks:
         chunk.requires_grad_(False)

@@ -20,8 +20,16 @@ from typing import Callable
 
 import torch
 
-from ..sampling import CHOSEN, POLICY_STREAM, REFERENCE_STREAM, REJECTED
-from ..sampling import response_seeds, role_code, sampled_kept_mask, topk_kept_mask
+from ..sampling import (
+    CHOSEN,
+    POLICY_STREAM,
+    REFERENCE_STREAM,
+    REJECTED,
+    response_seeds,
+    role_code,
+    sampled_kept_mask,
+    topk_kept_mask,
+)
 from .registry import Registry
 
 

@@ -172,7 +172,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
-        # Batched p2p on gloo gave wrong gradients with interleaving (shared/notes).
+        # Batched p2p on gloo gave wrong gradients with interleaving (docs/compatibility.md).
         batch_p2p_comm=on_gpu,
     )
 

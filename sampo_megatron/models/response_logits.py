@@ -11,13 +11,15 @@ returns ``[1, n, V/TP]`` logits for the ``n`` selected positions, in the order o
 It works through a forward pre-hook on ``output_layer`` (no module is replaced, so parameter names
 and checkpoints are unchanged). Tensor parallelism is unaffected (the output layer stays
 vocab-parallel); under sequence parallelism the output layer's input is sharded over the sequence,
-so the hook gathers it first (its backward keeps this rank's slice: the output layer's own backward
-then all-reduces the input gradient over TP, as for any replicated input).
+so the hook gathers it first (compat/output_layer.py: its backward keeps this rank's slice, the
+output layer's own backward then all-reduces the input gradient over TP, as for any replicated input).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..compat.output_layer import check_output_layer, gather_sequence_parallel_input, restore_sequence_parallel
 
 
 def _unwrap(model):
@@ -31,15 +33,7 @@ def _select_hidden(layer, args, kwargs):
     if positions is None:
         return None
     layer._sampo_positions = None  # one forward only
-    hidden = args[0]
-    if layer.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-        # The grad of the gathered copy is complete on every rank (the output layer all-reduces it
-        # when sequence_parallel is off), so the backward of the gather only takes this rank's slice.
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=layer.tp_group)
-        layer.sequence_parallel = False
-        layer._sampo_restore_sequence_parallel = True
+    hidden, layer._sampo_restore_sequence_parallel = gather_sequence_parallel_input(layer, args[0])
     s, b, h = hidden.shape
     if positions.shape != (s, b):
         raise ValueError(f"selected positions {tuple(positions.shape)} do not match the hidden states [s, b] = {(s, b)}")
@@ -50,7 +44,7 @@ def _select_hidden(layer, args, kwargs):
 
 def _restore(layer, args, kwargs, output):
     if getattr(layer, "_sampo_restore_sequence_parallel", False):
-        layer.sequence_parallel = True
+        restore_sequence_parallel(layer)
         layer._sampo_restore_sequence_parallel = False
     return output
 
@@ -62,6 +56,7 @@ def install_output_selection(chunk) -> None:
     layer = getattr(model, "output_layer", None)
     if layer is None or not getattr(model, "post_process", False) or hasattr(layer, "_sampo_positions"):
         return
+    check_output_layer(layer)
     layer._sampo_positions = None
     layer._sampo_restore_sequence_parallel = False
     layer.register_forward_pre_hook(_select_hidden, with_kwargs=True)

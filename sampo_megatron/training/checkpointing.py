@@ -5,19 +5,38 @@ Layout of ``--save DIR``::
     DIR/iter_0000100/                  one torch_dist checkpoint (model, optimizer, scheduler, run state)
     DIR/latest_checkpointed_iteration.txt
 
-The marker is replaced atomically, and only after every rank finished writing ``iter_XXXXXXX``; a
+The marker is replaced atomically, and only after every rank finished writing ``iter_XXXXXXX`` and
+its ``manifest.json`` (size and SHA-256 of every file, sampo_megatron/checkpoint/manifest.py); a
 checkpoint interrupted half-way is never named by it, so it is never loaded. ``--load`` takes a
 run directory (follows the marker) or one ``iter_*``/converted checkpoint directory.
+
+Before a load, :func:`select_checkpoint` checks the checkpoint's pickles with an allow-list
+(checkpoint/safe_pickle.py) and verifies its manifest on all ranks (each rank checks a share of
+the files); when the latest checkpoint of a run directory is damaged it falls back to the newest
+older one that verifies, loudly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
+import time
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
+
+from ..checkpoint import (
+    CheckpointDamagedError,
+    UnsafeCheckpointError,
+    check_torch_dist_pickles,
+    digest_files,
+    list_files,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)  # fmt: skip
+from ..compat.checkpoint_writer import stop_writer_manager
+from ..compat.optimizer_state import DISTRIB_OPTIM_SHARDING_TYPE, load_optimizer_state, prepare_optimizer_state
 
 MARKER = "latest_checkpointed_iteration.txt"
 # Fault injection for the tests: SIGKILL this process after writing a checkpoint, before its marker.
@@ -50,6 +69,137 @@ def resolve_checkpoint(path: str) -> str | None:
     return None
 
 
+def _marker_target(save_dir: str) -> str | None:
+    try:
+        return resolve_checkpoint(save_dir) if os.path.isfile(os.path.join(save_dir, MARKER)) else None
+    except (ValueError, FileNotFoundError):
+        return None
+
+
+def _write_marker(save_dir: str, iteration: int) -> None:
+    tmp = os.path.join(save_dir, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, MARKER))
+
+
+def _shares(names: list[str]) -> list[str]:
+    """This rank's share of ``names`` when every rank takes every world-size-th one."""
+    if not dist.is_initialized():
+        return names
+    return names[dist.get_rank() :: dist.get_world_size()]
+
+
+def _gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _write_manifest(ckpt: str) -> None:
+    """Every rank hashes its share of the checkpoint's files; rank 0 writes the manifest."""
+    names = list_files(ckpt) if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dist.is_initialized():
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    digests = {}
+    for part in _gather(digest_files(ckpt, _shares(names))):
+        digests.update(part)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_manifest(ckpt, digests)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def verify_checkpoint(ckpt: str, trust: bool = False) -> list[str]:
+    """Problems of ``ckpt`` (collective: every rank checks a share of the files): files that do not
+    match its manifest, or pickles outside the allow-list (unless ``trust``). Empty when it is sound.
+
+    A checkpoint without a manifest (converted, or saved by an older version) is reported as
+    unverified by the caller, not as damaged.
+    """
+    problems: list[str] = []
+    try:
+        manifest = read_manifest(ckpt)
+        if manifest is not None:
+            problems += verify_files(ckpt, manifest, _shares(sorted(manifest)))
+    except CheckpointDamagedError as err:
+        problems.append(str(err))
+    problems = sorted({p for part in _gather(problems) for p in part})
+    if not problems and not trust:
+        try:
+            check_torch_dist_pickles(ckpt)
+        except UnsafeCheckpointError as err:
+            problems.append(str(err))
+    return problems
+
+
+class CheckpointLoadError(RuntimeError):
+    """No sound checkpoint to load (damaged, unsafe, and no fallback allowed or found)."""
+
+
+def _older_checkpoints(save_dir: str, than: str) -> list[str]:
+    """Complete checkpoints of a run directory older than ``than``, newest first."""
+    found = []
+    for name in os.listdir(save_dir):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.join(save_dir, name) < than:
+            path = os.path.join(save_dir, name)
+            if os.path.isfile(os.path.join(path, "metadata.json")):
+                found.append(path)
+    return sorted(found, reverse=True)
+
+
+def select_checkpoint(path: str, verify: bool = True, fallback: bool = True, trust: bool = False, log=print) -> str | None:
+    """The checkpoint to load from ``path`` (a run directory or one checkpoint), verified.
+
+    Collective: every rank calls it and gets the same answer. When the checkpoint is damaged and
+    ``path`` is a run directory, falls back to the newest older checkpoint that verifies (unless
+    ``fallback`` is False): the damaged one is moved aside to ``iter_XXXXXXX.damaged`` and the marker
+    is pointed at the one loaded, so that the run's next save of that iteration starts clean.
+
+    Returns:
+        The checkpoint directory, or None when ``path`` holds none yet.
+
+    Raises:
+        CheckpointLoadError: damaged or unsafe, with no fallback; the message names each problem.
+    """
+    ckpt = resolve_checkpoint(path)
+    if ckpt is None or not verify:
+        return ckpt
+    problems = verify_checkpoint(ckpt, trust)
+    if not problems:
+        if read_manifest(ckpt) is None:
+            log(f"checkpoint {ckpt} has no manifest.json (converted or saved by an older version): not verified")
+        return ckpt
+    details = "\n  ".join(problems)
+    is_run_dir = os.path.abspath(ckpt) != os.path.abspath(path)
+    if not fallback or not is_run_dir:
+        hint = " (--no-checkpoint-fallback)" if is_run_dir else ""
+        raise CheckpointLoadError(f"checkpoint {ckpt} cannot be loaded{hint}:\n  {details}")
+    log(f"WARNING: checkpoint {ckpt} is damaged:\n  {details}")
+    for older in _older_checkpoints(path, ckpt):
+        older_problems = verify_checkpoint(older, trust)
+        if older_problems:
+            log(f"WARNING: the older checkpoint {older} does not verify either:\n  " + "\n  ".join(older_problems))
+            continue
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            aside = f"{ckpt}.damaged"
+            if os.path.exists(aside):
+                aside = f"{ckpt}.damaged-{int(time.time())}"
+            os.rename(ckpt, aside)
+            _write_marker(path, int(os.path.basename(older)[5:]))
+            log(f"WARNING: falling back to {older} (the damaged checkpoint is kept as {aside}; the marker now names {older})")
+        if dist.is_initialized():
+            dist.barrier()
+        return older
+    raise CheckpointLoadError(f"checkpoint {ckpt} is damaged and no older checkpoint of {path} verifies:\n  {details}")
+
+
 def _strategies(ckpt_dir: str | None, dp_group):
     from megatron.core.dist_checkpointing.serialization import (
         get_default_load_sharded_strategy,
@@ -65,9 +215,7 @@ def _strategies(ckpt_dir: str | None, dp_group):
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt_dir), dp_group)
 
 
-# Reshardable optimizer state for the distributed optimizer (its default sharding type cannot be
-# saved on 0.16.1, see shared/notes).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": DISTRIB_OPTIM_SHARDING_TYPE}
 
 
 def model_sharded_state_dict(chunks, prefix: str = "") -> dict:
@@ -102,7 +250,7 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
     if contents.reference_chunks is not None:
         state["reference"] = model_sharded_state_dict(contents.reference_chunks, prefix="reference.")
     if contents.optimizer is not None:
-        _allocate_torch_adam_state(contents.optimizer)
+        prepare_optimizer_state(contents.optimizer)
         state["optimizer"] = contents.optimizer.sharded_state_dict(
             state, is_loading=loading, metadata=OPTIMIZER_METADATA
         )
@@ -129,44 +277,24 @@ def save_checkpoint(
 
     ckpt = iteration_dir(save_dir, iteration)
     if dist.get_rank() == 0:
+        if os.path.isdir(ckpt) and _marker_target(save_dir) != ckpt:
+            shutil.rmtree(ckpt)  # left by a save that never completed (the marker never named it)
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(chunks, contents, loading=False), ckpt, _strategies(None, dp_group))
-    _stop_writer_manager()
+    stop_writer_manager()
     if finish is not None and dist.get_rank() == 0:
-        finish(ckpt)  # extra files (the architecture) belong to the checkpoint, so before the marker
+        finish(ckpt)  # extra files (architecture, run configuration, tokenizer) belong to the checkpoint
     dist.barrier()
+    _write_manifest(ckpt)
     if os.environ.get(_KILL_BEFORE_MARKER_ENV) == str(iteration):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
     if dist.get_rank() == 0:
-        tmp = os.path.join(save_dir, MARKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(save_dir, MARKER))
+        _write_marker(save_dir, iteration)
     dist.barrier()
     return ckpt
-
-
-def _stop_writer_manager() -> None:
-    """Shut down the multiprocessing Manager that megatron-core's checkpoint writer starts
-    (``filesystem_async.py:55``) and keeps for the process's lifetime.
-
-    A process killed by SIGKILL never runs the finalizer that stops it, so the Manager would outlive
-    the run (under torchrun; a SLURM step kills it with the job). Stopping it after each save leaves
-    it alive only while a checkpoint is being written, at the cost of a restart per save.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = filesystem_async._results_queue
-    if queue is not None:
-        manager = getattr(queue, "_manager", None)
-        if manager is not None:
-            manager.shutdown()
-        filesystem_async._results_queue = None
 
 
 def has_key(ckpt_dir: str, key: str) -> bool:
@@ -186,7 +314,7 @@ def check_optimizer_state(ckpt_dir: str, distributed: bool, mixed_precision: boo
     The distributed optimizer keeps fp32 main weights as ``optimizer.state.param.*``; the regular
     16-bit optimizer as ``optimizer.state.fp32_param.*``; the regular fp32 one keeps none (its
     weights are the model's). A distributed-optimizer checkpoint resumes with the regular fp32
-    optimizer (see :func:`_complete_param_groups`); the other crossings would fail deep inside
+    optimizer (see ``compat/optimizer_state.py``); the other crossings would fail deep inside
     megatron-core with a ``KeyError``.
     """
     from megatron.core import dist_checkpointing
@@ -218,134 +346,6 @@ def load_checkpoint(ckpt_dir: str, chunks, contents: CheckpointContents, dp_grou
     if contents.reference_chunks is not None:
         load_model_state(contents.reference_chunks, state["reference"])
     if contents.optimizer is not None:
-        _complete_param_groups(contents.optimizer, state["optimizer"])
-        _restore_zero_adam_step(contents.optimizer, state["optimizer"])
-        with _adam_steps_set_aside(contents.optimizer):
-            contents.optimizer.load_state_dict(state["optimizer"])
-        _untie_adam_steps(contents.optimizer)
+        load_optimizer_state(contents.optimizer, state["optimizer"])
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
     return {k: common[k] for k in ("run_state", "scheduler") if k in common}
-
-
-def _complete_param_groups(optimizer, loaded: dict) -> None:
-    """Read a distributed-optimizer checkpoint into a regular optimizer (e.g. resuming on fewer GPUs
-    without ``--use-distributed-optimizer``).
-
-    The loaded param groups then hold only ``params``: the checkpoint keeps the groups, with Adam's
-    ``step``, under ``optimizer.param_groups``, and the moments without a ``step``. megatron-core
-    (0.16.1) would fail with ``KeyError: 'pre_wd_mult'`` matching the groups, then torch's Adam with
-    ``KeyError: 'step'``. The groups get the checkpoint's hyper-parameters (the running optimizer's
-    when absent: same grouping of the same model, in the same order) and the moments the
-    checkpoint's step as the ``common_step`` the regular optimizer restores per parameter.
-    """
-    groups = loaded.get("param_groups") if isinstance(loaded, dict) else None
-    if not groups or all(len(group) > 1 for group in groups):
-        return  # a regular checkpoint: complete groups
-    saved = (loaded.get("optimizer") or {}).get("param_groups") or []
-    running = getattr(optimizer, "param_groups", None) or []
-    for i, group in enumerate(groups):
-        for source in (saved[i] if i < len(saved) else {}, running[i] if i < len(running) else {}):
-            for key, value in source.items():
-                group.setdefault(key, value)
-    steps = {group.pop("step") for group in groups if "step" in group}
-    torch_state = loaded.get("state")
-    if len(steps) == 1 and torch_state and not any("step" in s for s in torch_state.values() if isinstance(s, dict)):
-        torch_state.setdefault("common_step", torch.tensor(float(steps.pop())))
-
-
-def _torch_adams(optimizer, distributed_only: bool = False) -> list:
-    """The megatron optimizers in ``optimizer`` that run torch's Adam (no Apex / TE fused Adam).
-
-    torch's Adam keeps a per-parameter ``step`` tensor in its state and allocates its state lazily;
-    megatron-core (0.16.1) mishandles both in the places the helpers below fix. With TE's or Apex's
-    Adam (the usual GPU set-up) there is no such ``step`` and none of them acts.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [
-        inner
-        for inner in getattr(optimizer, "chained_optimizers", [optimizer])
-        if isinstance(getattr(inner, "optimizer", None), torch.optim.Adam)
-        and (isinstance(inner, DistributedOptimizer) or not distributed_only)
-    ]
-
-
-def _allocate_torch_adam_state(optimizer) -> None:
-    """Allocate torch Adam's state where it is still empty, as its first step would: zero moments,
-    ``step`` 0. A no-op once the optimizer has stepped.
-
-    Empty state happens in a freshly built optimizer that is about to load, and at a save before
-    any successful step (fp16 skips its first steps while the loss scale backs off from 2**32).
-    Without it the distributed optimizer's ``state_dict()`` asserts (distrib_optimizer.py:642), and
-    the other optimizers save no moments but expect them at load (a ``KeyError`` on
-    ``optimizer.state.exp_avg...``).
-    """
-    for inner in _torch_adams(optimizer):
-        adam = inner.optimizer
-        if len(adam.state) == 0:
-            inner.init_state_fn(adam, inner.config)  # exp_avg, exp_avg_sq
-            for group in adam.param_groups:
-                for param in group["params"]:
-                    adam.state[param]["step"] = torch.tensor(0.0)
-
-
-def _restore_zero_adam_step(optimizer, loaded: dict) -> None:
-    """Put back a zero Adam ``step`` that the non-distributed optimizers did not save.
-
-    They save the step shared by all parameters as ``common_step`` only when it is non-zero
-    (optimizer.py:845), and torch's Adam refuses moments without a step (adam.py:127,
-    ``KeyError: 'step'``): a checkpoint written before the first successful step (fp16 skips its
-    first steps while the loss scale backs off) would not load.
-    """
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [loaded] if len(inners) == 1 else [loaded[k] for k in sorted(loaded)]
-    adams = _torch_adams(optimizer)
-    for inner, state in zip(inners, states):
-        torch_state = state.get("optimizer", {}).get("state") if inner in adams and isinstance(state, dict) else None
-        if torch_state and "common_step" not in torch_state and not any("step" in s for s in torch_state.values()):
-            torch_state["common_step"] = torch.tensor(0.0)
-
-
-@contextlib.contextmanager
-def _adam_steps_set_aside(optimizer):
-    """Keep torch Adam's ``step`` out of the parameter-state load.
-
-    ``load_state_dict`` first restores ``step`` from the param groups, then loads the per-parameter
-    tensors by copying every key of a parameter's Adam state from the checkpoint
-    (distrib_optimizer.py:940), where ``step`` is absent: ``KeyError: 'step'``. The steps are
-    removed for that part of the load and put back unchanged afterwards.
-    """
-    patched = []
-    for inner in _torch_adams(optimizer, distributed_only=True):
-        name = "load_parameter_state_from_" + OPTIMIZER_METADATA["distrib_optim_sharding_type"]
-        original = getattr(inner, name)
-
-        def load_without_steps(state_dict, *, _adam=inner.optimizer, _original=original):
-            steps = {param: s.pop("step") for param, s in _adam.state.items() if "step" in s}
-            try:
-                return _original(state_dict)
-            finally:
-                for param, step in steps.items():
-                    _adam.state[param]["step"] = step
-
-        setattr(inner, name, load_without_steps)  # an instance attribute, removed below
-        patched.append((inner, name))
-    try:
-        yield
-    finally:
-        for inner, name in patched:
-            delattr(inner, name)
-
-
-def _untie_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam ``step`` tensor.
-
-    After a distributed-optimizer load, megatron-core 0.16.1 (distrib_optimizer.py:821-825) gives
-    all parameters one shared ``step`` tensor, which Adam then advances once per parameter: the next
-    update is silently wrong. Copies make each advance once per step again.
-    """
-    for inner in _torch_adams(optimizer):
-        for param_state in inner.optimizer.state.values():
-            step = param_state.get("step")
-            if isinstance(step, torch.Tensor):
-                param_state["step"] = step.clone()

@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from .nonfinite import sanitize_metrics
+
 # Console columns, in order; everything else goes to the file and TensorBoard only.
 _CONSOLE = (
     ("loss", "loss", "{:.5f}"),
@@ -60,12 +62,16 @@ class MetricsLogger:
             return
         record = {"iteration": iteration, "time": time.time(), **metrics}
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            # NaN / Inf become null: JSON has no literal for them (the file stays valid JSON).
+            self._file.write(json.dumps(sanitize_metrics(record), allow_nan=False) + "\n")
         if self._tb is not None:
             for name, value in metrics.items():
-                self._tb.add_scalar(name, value, iteration)
-        if iteration % self.log_interval == 0 or iteration == self.total_iters:
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(name, value, iteration)
+        if iteration % self.log_interval == 0 or iteration == self.total_iters or "nonfinite" in metrics:
             fields = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _CONSOLE if key in metrics]
+            if "nonfinite" in metrics:
+                fields.append(f"NOT FINITE: {metrics['nonfinite']}")
             print(f"iteration {iteration:>6d}/{self.total_iters} | " + " | ".join(fields), flush=True)
 
     def message(self, text: str) -> None:

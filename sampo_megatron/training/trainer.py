@@ -14,19 +14,32 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data import DataOptions, PairBatches, PairDataset, load_pairs, load_tokenizer
+from ..data.tokenizer import copy_tokenizer_into
 from ..losses import LOSSES, RunningMean
 from ..models.architecture import adopt_architecture, run_architecture, write_architecture
 from ..models.gpt import build_model_chunks, check_fp8_available, model_vocab_sizes, transformer_config
 from ..models.response_logits import install_output_selection
 from ..models.weights import initialize_deterministically
 from .checkpointing import (
-    CheckpointContents, check_optimizer_state, has_key, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    CheckpointContents,
+    check_optimizer_state,
+    has_key,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    select_checkpoint,
 )
 from .launch_env import apply_launch_env
 from .metrics import MetricsLogger
 from .monitor import VerbosityMonitor
+from .nonfinite import NonFiniteError, nonfinite_message, nonfinite_parts
 from .reference import ReferenceCache, copy_weights, forward_only_logps
+from .run_config import check_resume, data_fingerprint, format_config, read_run_config, resolved_record, write_run_config
+from .run_lock import RunLock, RunLockError
 from .step import StepContext, policy_forward_step
+
+# The tokenizer travels with every checkpoint, here (models/architecture.py stores the path relative).
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -39,6 +52,8 @@ class RunState:
     reference_version: int = 0
     """Epoch at which the reference was last set (Iterative: the current epoch)."""
     reward_mean: dict = field(default_factory=lambda: {"total": 0.0, "count": 0})
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient (--skip-nonfinite-steps)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -98,8 +113,21 @@ class Trainer:
         )
         self.logs = self.writes_results and self.dp_rank == 0
 
+        self.run_lock = self._lock_save_dir()
+        try:
+            self._set_up()
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
+        from megatron.core import parallel_state
+
         self._check_config()
         self._build_data()
+        if dist.get_rank() == 0:
+            print(format_config(cfg), flush=True)
         self._build_models()
         self._build_optimizer()
         self.state = RunState()
@@ -120,6 +148,36 @@ class Trainer:
         self.monitor = VerbosityMonitor(self) if cfg.eval.eval_interval else None
 
     # ----------------------------------------------------------------------------- set-up
+    def _lock_save_dir(self) -> RunLock | None:
+        """Global rank 0 takes the --save directory's lock (training/run_lock.py); every rank gets
+        its outcome, so that all of them stop together when another run holds it."""
+        save = self.cfg.checkpoint.save
+        if not save:
+            return None
+        lock, outcome = None, [None, None]
+        if dist.get_rank() == 0:
+            lock = RunLock(save)
+            try:
+                outcome = [None, lock.acquire()]
+            except RunLockError as err:
+                outcome = [str(err), None]
+        dist.broadcast_object_list(outcome, src=0)
+        error, note = outcome
+        if error is not None:
+            raise RunLockError(error)
+        if note and dist.get_rank() == 0:
+            print(note, flush=True)
+        return lock
+
+    def release_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _message(self, text: str) -> None:
+        if dist.get_rank() == 0:
+            print(text, flush=True)
+
     def _adopt_checkpoint_architecture(self) -> None:
         """A checkpoint with ``sampo_model.json`` (converted, or saved by this trainer) sets the model
         architecture and, unless given, the tokenizer: no architecture flags to repeat."""
@@ -149,6 +207,7 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        self._check_tokenizer_matches_checkpoint()
         try:  # a tokenizer bigger than the model is a set-up error: say so before reading any data
             model_vocab, _ = model_vocab_sizes(cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
         except ValueError as e:
@@ -161,6 +220,12 @@ class Trainer:
         pairs, bad_records, source = load_pairs(d.data_path, self.tokenizer, options)
         if dist.get_rank() == 0:
             print(f"data: {source}\ndata: {bad_records.summary(len(pairs))}", flush=True)
+        # What a resume compares besides the flags (training/run_config.py).
+        self.derived = {
+            "num_pairs": len(pairs),
+            "data_fingerprint": data_fingerprint(pairs),
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+        }
         self.batches = PairBatches(
             PairDataset(pairs, cfg.training.seed), cfg.training.global_batch_size, cfg.training.seq_length,
             self.tokenizer.pad_id, pad_to_multiple_of=self._pad_multiple(),
@@ -173,6 +238,23 @@ class Trainer:
             raise ValueError(
                 f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size {tr.micro_batch_size} "
                 f"x data-parallel size {self.dp_size}"
+            )
+
+    def _check_tokenizer_matches_checkpoint(self) -> None:
+        """A --tokenizer-model given next to a checkpoint that carries its own tokenizer must be the
+        same tokenizer (same ids); a different one is an error naming both."""
+        arch, cfg = self.architecture, self.cfg
+        if arch is None or arch.tokenizer is None or os.path.abspath(arch.tokenizer) == os.path.abspath(cfg.data.tokenizer_model):
+            return
+        if not os.path.exists(arch.tokenizer):
+            self._message(f"note: the checkpoint names tokenizer {arch.tokenizer}, which does not exist; using --tokenizer-model {cfg.data.tokenizer_model}")
+            return
+        own = load_tokenizer(arch.tokenizer, cfg.data.tokenizer_type)
+        if own.fingerprint() != self.tokenizer.fingerprint():
+            raise ValueError(
+                f"--tokenizer-model {cfg.data.tokenizer_model} is not the tokenizer of the checkpoint ({arch.tokenizer}): "
+                f"their ids differ (fingerprints {self.tokenizer.fingerprint()} and {own.fingerprint()}). Leave the flag "
+                "out to use the checkpoint's own tokenizer."
             )
 
     def _pad_multiple(self) -> int | None:
@@ -259,7 +341,9 @@ class Trainer:
             end_wd=tr.weight_decay,
             wd_incr_steps=self.train_iters,
             wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=True,
+            # Megatron's pair: the checkpoint's schedule wins, unless --override-opt-param-scheduler.
+            use_checkpoint_opt_param_scheduler=not self.cfg.checkpoint.override_opt_param_scheduler,
+            override_opt_param_scheduler=self.cfg.checkpoint.override_opt_param_scheduler,
         )
         self.tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         self.tconfig.finalize_model_grads_func = finalize_model_grads
@@ -279,7 +363,7 @@ class Trainer:
         resuming = False
         # A run resumes from its own --save directory when that holds a checkpoint.
         for candidate in (cfg.checkpoint.save, cfg.checkpoint.load):
-            if candidate and (ckpt := resolve_checkpoint(candidate)) is not None:
+            if candidate and (ckpt := self._select(candidate)) is not None:
                 resuming = candidate == cfg.checkpoint.save or (not cfg.checkpoint.finetune and has_key(ckpt, "run_state"))
                 break
         if ckpt is None and cfg.checkpoint.load:
@@ -294,10 +378,14 @@ class Trainer:
             self.state.reference_source = {"kind": "checkpoint", "path": os.path.abspath(ckpt)}
         else:
             tr = cfg.training
+            for line in check_resume(read_run_config(ckpt), self._run_record(), ckpt, cfg.checkpoint.override_opt_param_scheduler):
+                self._message(line)
             check_optimizer_state(ckpt, cfg.parallel.use_distributed_optimizer, tr.bf16 or tr.fp16)
             common = load_checkpoint(ckpt, self.chunks, CheckpointContents(optimizer=self.optimizer), dp_group)
             self.state = RunState(**common["run_state"])
             self.scheduler.load_state_dict(common["scheduler"])
+            if cfg.checkpoint.override_opt_param_scheduler:
+                self._apply_optimizer_flags()
             self.reward_mean.load_state_dict(self.state.reward_mean)
             self._resumed_from = ckpt
         if not resuming:
@@ -312,6 +400,26 @@ class Trainer:
         if self.reference is not None:
             self._materialise_reference(self.reference, ckpt if resuming else None)
 
+    def _select(self, path: str) -> str | None:
+        """The checkpoint to load from ``path``, verified (training/checkpointing.py)."""
+        c = self.cfg.checkpoint
+        return select_checkpoint(path, c.verify_checkpoint, c.checkpoint_fallback, c.trust_checkpoint, log=self._message)
+
+    def _run_record(self) -> dict:
+        record = resolved_record(self.cfg, self.derived)
+        record["config"]["model"]["vocab_size"] = self.vocab_size  # as the saved architecture says
+        return record
+
+    def _apply_optimizer_flags(self) -> None:
+        """--override-opt-param-scheduler: Adam's hyper-parameters from the flags, not the checkpoint's
+        param groups (the scheduler sets learning rate and weight decay at every step)."""
+        tr = self.cfg.training
+        for group in self.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (tr.adam_beta1, tr.adam_beta2)
+            if "eps" in group:
+                group["eps"] = tr.adam_eps
+
     def _materialise_reference(self, chunks, resume_ckpt: str | None) -> None:
         """Give the replica the weights its recorded source says."""
         source = self.state.reference_source
@@ -321,7 +429,7 @@ class Trainer:
                 raise RuntimeError("the reference was saved with a checkpoint, but no checkpoint is being resumed")
             load_checkpoint(resume_ckpt, [], CheckpointContents(reference_chunks=chunks), dp_group)
         elif source["kind"] == "checkpoint":
-            load_checkpoint(source["path"], chunks, CheckpointContents(), dp_group)
+            load_checkpoint(self._select(source["path"]), chunks, CheckpointContents(), dp_group)
         elif source["kind"] == "init":
             initialize_deterministically(chunks, seed=source["seed"], vocab_size=self.vocab_size)
         else:
@@ -424,6 +532,7 @@ class Trainer:
         epoch, micro_batches = self._micro_batches(step)
         self._epoch_started(epoch, step)
         self._attach_reference(micro_batches)
+        reward_mean_before = self.reward_mean.state_dict()
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -438,17 +547,38 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]
-        update_successful, grad_norm, _ = self.optimizer.step()
+        nonfinite = []
+        if self.cfg.training.check_for_nan_in_loss_and_grad:
+            local = [float(v) for out in losses_reduced for v in out["sums"].values()] if self.is_last_stage else []
+            nonfinite = nonfinite_parts(step + 1, self.model, local)
+        if nonfinite:
+            update_successful, grad_norm = False, None
+            self.reward_mean.load_state_dict(reward_mean_before)  # the step never happened
+        else:
+            update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         metrics = self._reduce_metrics(losses_reduced)
+        if nonfinite:
+            metrics["nonfinite"] = " and ".join(nonfinite)
+            if not self.cfg.training.skip_nonfinite_steps:
+                self.logger.log(step + 1, metrics)
+                raise NonFiniteError(nonfinite_message(step + 1, nonfinite))
+            self.state.skipped_steps += 1
+            self.logger.message(f"iteration {step + 1}: skipped (the {metrics['nonfinite']} is not finite; --skip-nonfinite-steps)")
+        elif grad_norm is not None and float(grad_norm) == 0.0 and metrics.get("loss", 0.0) > 0.0:
+            self.logger.message(
+                f"WARNING: iteration {step + 1}: the gradient norm is exactly 0 with loss {metrics['loss']:.4g}: every gradient "
+                "vanished, the model has likely collapsed (a learning rate far too high saturates it)"
+            )
         _, pairs = self.batches.batch_at(step)
         tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         metrics.update(
             epoch=float(epoch),
             lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            skipped_steps=float(self.state.skipped_steps),
             pairs_per_s=len(pairs) / elapsed,
             tokens_per_s=tokens / elapsed,
             step_time_s=elapsed,
@@ -467,12 +597,20 @@ class Trainer:
             self._contents(with_optimizer=True, with_reference=with_reference),
             self.ps.get_data_parallel_group(with_context_parallel=True),
             # the architecture, for --load without flags and for the HF export
-            finish=lambda ckpt: write_architecture(
-                ckpt, run_architecture(self.cfg, self.vocab_size, self.architecture, self.tconfig.params_dtype)
-            ),
+            finish=self._write_checkpoint_files,
         )
         self.logger.message(f"saved checkpoint {ckpt}")
         return ckpt
+
+    def _write_checkpoint_files(self, ckpt: str) -> None:
+        """Rank 0, before the manifest and the marker: the tokenizer (so that a moved run directory
+        keeps it), the architecture (for --load without flags and the HF export) and the resolved
+        configuration (compared on resume)."""
+        tokenizer = copy_tokenizer_into(self.cfg.data.tokenizer_model, os.path.join(ckpt, CHECKPOINT_TOKENIZER_DIR))
+        arch = run_architecture(self.cfg, self.vocab_size, self.architecture, self.tconfig.params_dtype)
+        arch.tokenizer = tokenizer
+        write_architecture(ckpt, arch)
+        write_run_config(ckpt, self._run_record())
 
     def train(self) -> None:
         cfg = self.cfg
@@ -509,5 +647,7 @@ class Trainer:
         self.logger.close()
         if dist.is_initialized():
             dist.barrier()
+        self.release_lock()
+        if dist.is_initialized():
             self.ps.destroy_model_parallel()
             dist.destroy_process_group()

@@ -10,8 +10,8 @@ the Hugging Face model's logits; then the run trains as ``launch/pretrain_sampo.
 import sys
 
 import torch
-
 from convert_logits_worker import forward_logits, is_writer
+
 from sampo_megatron.config import parse_config
 from sampo_megatron.training.trainer import Trainer
 

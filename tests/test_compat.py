@@ -1,0 +1,113 @@
+"""The megatron-core version check and the version-keyed compatibility layer (sampo_megatron/compat)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+
+from sampo_megatron.compat import cpu, version
+from sampo_megatron.compat.version import RELEASE_LINES, UnsupportedMegatronError, parse_version, release_line
+
+
+@pytest.mark.parametrize("text, line", [("0.16.1", "0.16"), ("0.16.7", "0.16"), ("0.19.2", "0.19"), ("0.19.9rc1", "0.19"),
+                                        ("0.19.3+nv25.10", "0.19")])  # fmt: skip
+def test_tested_versions_map_to_their_line(text, line):
+    assert release_line(text, allow_untested=False).name == line
+
+
+@pytest.mark.parametrize("text", ["0.15.3", "0.16.0", "0.17.1", "0.18.2", "0.19.1", "0.20.0", "1.0.0"])
+def test_untested_version_is_a_clear_error(text):
+    with pytest.raises(UnsupportedMegatronError) as err:
+        release_line(text, allow_untested=False)
+    message = str(err.value)
+    assert f"megatron-core {text} is outside" in message
+    assert "megatron-core>=0.16.1,<0.17 (tested on Python 3.11)" in message
+    assert "megatron-core>=0.19.2,<0.20 (tested on Python 3.12)" in message
+    assert "pip install 'megatron-core>=0.19.2,<0.20'" in message and version.ALLOW_UNTESTED_ENV in message
+
+
+def test_untested_version_runs_with_the_opt_out(monkeypatch):
+    monkeypatch.setenv(version.ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(UserWarning, match="outside the versions sampo-megatron is tested with"):
+        assert release_line("0.18.2").name == "0.19"
+    with pytest.warns(UserWarning):
+        assert release_line("0.17.0").name == "0.16"
+    monkeypatch.setenv(version.ALLOW_UNTESTED_ENV, "0")
+    with pytest.raises(UnsupportedMegatronError):
+        release_line("0.18.2")
+
+
+def test_missing_megatron_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(version, "installed_megatron_version", lambda: None)
+    with pytest.raises(UnsupportedMegatronError, match="megatron-core is not installed"):
+        release_line()
+
+
+def test_parse_version():
+    assert parse_version("0.19.2") == (0, 19, 2) and parse_version("0.16.1rc0+abc") == (0, 16, 1)
+    with pytest.raises(ValueError):
+        parse_version("main")
+
+
+def test_each_python_leg_runs_its_tested_line():
+    """The installed megatron-core is the one setup.py gives this Python (the two CI legs)."""
+    line = release_line(allow_untested=False)
+    assert line.name == ("0.16" if sys.version_info < (3, 12) else "0.19")
+    assert line.python == f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def test_start_up_check_refuses_a_fake_untested_version(monkeypatch):
+    """apply_cpu_compat (called by the trainer, generation and the tools at start-up) checks first."""
+    monkeypatch.setattr(version, "installed_megatron_version", lambda: "0.17.1")
+    monkeypatch.delenv(version.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(UnsupportedMegatronError, match="megatron-core 0.17.1 is outside"):
+        cpu.apply_cpu_compat()
+
+
+def test_every_site_is_surveyed_for_every_line():
+    for entry in cpu._SHIMMED_MODULES:
+        assert set(entry.lines) == {line.name for line in RELEASE_LINES}, entry.module
+    for fn in cpu._CUDA_VIEW_FUNCTIONS:
+        assert set(fn.lines) == {line.name for line in RELEASE_LINES}, fn.path
+
+
+def test_sites_exist_in_the_installed_release():
+    cpu._check_sites(release_line().name)
+    from sampo_megatron.compat.optimizer_state import check_sites
+
+    check_sites()
+
+
+def test_a_moved_site_fails_loudly(monkeypatch):
+    """A patched call that megatron no longer makes, or a function that moved, is an error naming it."""
+    line = release_line().name
+    entry = cpu._SHIMMED_MODULES[0]
+    moved = cpu.ShimmedModule(entry.module, entry.why, ("torch.cuda.no_such_call()",), entry.lines)
+    monkeypatch.setattr(cpu, "_SHIMMED_MODULES", (moved, *cpu._SHIMMED_MODULES[1:]))
+    with pytest.raises(cpu.CompatError, match=r"no longer calls \['torch.cuda.no_such_call\(\)'\]"):
+        cpu._check_sites(line)
+    monkeypatch.undo()
+    fn = cpu._CUDA_VIEW_FUNCTIONS[0]
+    gone = cpu.CudaViewFunction(fn.module, "DistributedOptimizer.no_such_method", fn.why, fn.lines)
+    monkeypatch.setattr(cpu, "_CUDA_VIEW_FUNCTIONS", (gone, *cpu._CUDA_VIEW_FUNCTIONS[1:]))
+    with pytest.raises(cpu.CompatError, match="DistributedOptimizer.no_such_method does not exist"):
+        cpu._check_sites(line)
+
+
+def test_parallel_residual_uses_no_private_method_of_megatron():
+    """The GPT-NeoX layer overrides only public names (its numerics are tested against Hugging Face
+    in tests/test_convert.py)."""
+    import inspect
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sampo_megatron.models import parallel_residual
+
+    import ast
+    import re
+
+    tree = ast.parse(inspect.getsource(parallel_residual))
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and re.match(r"_[a-z]", node.attr)}
+    assert private == {"_parallel_residual_input"}  # the layer's own attribute, nothing of megatron's
