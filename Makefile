@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: install test demo bench gpu-wheels clean length-bias
+.PHONY: install test test-fast demo bench gpu-wheels clean length-bias
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,10 @@ $(VENV)/.installed: setup.py pyproject.toml tools/setup_venv.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The unit tests only (no torchrun / multi-process runs): under two minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not multiprocess" tests
 
 # The demo starts fresh each time: it removes its own run directory (runs/tiny_cpu) first.
 demo: install
@@ -44,4 +48,4 @@ gpu-wheels: install
 		--platform manylinux_2_28_x86_64 -d bench/gpu_wheels megatron-core==$(GPU_MEGATRON_CORE) numpy packaging
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-py312 build *.egg-info

@@ -43,4 +43,15 @@ setup(
         "pyyaml",
     ],
     extras_require=EXTRAS,
+    # The command lines; launch/ and tools/ hold scripts of the same names for a checkout without install.
+    entry_points={
+        "console_scripts": [
+            "sampo-train = sampo_megatron.cli.train:main",
+            "sampo-convert-hf = sampo_megatron.cli.convert_hf:main",
+            "sampo-export-hf = sampo_megatron.cli.export_hf:main",
+            "sampo-generate = sampo_megatron.cli.generate:main",
+            "sampo-preprocess = sampo_megatron.cli.preprocess:main",
+            "sampo-plan = sampo_megatron.cli.plan:main",
+        ]
+    },
 )

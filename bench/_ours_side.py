@@ -11,12 +11,10 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def trainer_flags(paths: dict, work: dict, ref_mode: str, steps: int, micro_batch: int, global_batch: int) -> list[str]:
@@ -88,9 +86,9 @@ def main() -> None:
     trainer = Trainer(cfg)
     checksum = weights_checksum(trainer.chunks)
     token_ids = {
-        str(p.sample_id): [p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in trainer.batches.dataset.pairs
+        str(p.sample_id): [p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in trainer.feed.batches.dataset.pairs
     }
-    order = [[p.sample_id for p in trainer.batches.batch_at(s)[1]] for s in range(args.steps)]
+    order = [[p.sample_id for p in trainer.feed.batches.batch_at(s)[1]] for s in range(args.steps)]
     step_ends, steps = [], []
     start = time.perf_counter()
     for step in range(args.steps):
@@ -104,7 +102,7 @@ def main() -> None:
         "step_ends_s": step_ends,
         "steps": steps,
         "order": order,
-        "tokens_per_step": [sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.batches.batch_at(s)[1]) for s in range(args.steps)],
+        "tokens_per_step": [sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.feed.batches.batch_at(s)[1]) for s in range(args.steps)],
         "token_ids": token_ids,
         "weights": checksum,
         "optimizer": {

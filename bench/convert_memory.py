@@ -23,9 +23,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _util import machine, print_result, status_kib  # noqa: E402
+from _util import machine, print_result, status_kib
 
 TARGET_RATIO = 0.3
 # Llama-like shapes; the layer count is chosen to reach the target size.

@@ -11,17 +11,13 @@ is one JSON object; ``overhead`` is ``t_sampo / t_none - 1`` (0.05 = 5%).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
+from _util import Activation, machine, print_result
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import Activation, machine, print_result  # noqa: E402
-
-from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss  # noqa: E402
-from sampo_megatron.ops import vocab_parallel_logprobs  # noqa: E402
+from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
+from sampo_megatron.ops import vocab_parallel_logprobs
 
 
 def main() -> None:

@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig  # noqa: E402
-from sampo_megatron.planning import GIB, Layout, ModelShape, plan_memory  # noqa: E402
+from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
+from sampo_megatron.planning import GIB, Layout, ModelShape, plan_memory
 
 # Llama-3 family shapes, largest first (Llama-3-8B, Llama-3.2-3B, Llama-3.2-1B).
 CANDIDATES = {
@@ -66,45 +62,29 @@ def model_config(shape: ModelShape, impl: str) -> ModelConfig:
 
 
 def init_single_process(device: torch.device) -> None:
-    from sampo_megatron.compat import apply_cpu_compat
-    from sampo_megatron.training.launch_env import apply_launch_env
+    """The trainer's set-up (sampo_megatron/runtime/distributed.py) for one process."""
+    from sampo_megatron.runtime.distributed import init_distributed, init_model_parallel
 
-    apply_launch_env()
-    if device.type == "cuda":
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    apply_cpu_compat()
-    from megatron.core import parallel_state, tensor_parallel
-
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    init_distributed()
+    init_model_parallel(ParallelConfig(), seed=1234)
 
 
 class PolicyAndReference:
-    """A policy (megatron DDP + optimizer) and a frozen reference of the same shape, one SamPO step."""
+    """A policy (megatron DDP + optimizer) and a frozen reference of the same shape, one SamPO step,
+    built with the trainer's builders (sampo_megatron/runtime/builders.py)."""
 
     def __init__(self, shape: ModelShape, training: TrainingConfig, impl: str, seq: int, device: torch.device):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from sampo_megatron.config import RunConfig
+        from sampo_megatron.models.gpt import padded_vocab_size, transformer_config
+        from sampo_megatron.runtime.builders import build_chunks, build_optimizer, wrap_ddp
 
-        from sampo_megatron.models.gpt import build_model_chunks, padded_vocab_size, transformer_config
-
-        model = model_config(shape, impl)
-        self.config = transformer_config(model, ParallelConfig(), training)
+        training = dataclasses.replace(training, seq_length=seq)
+        cfg = RunConfig(model=model_config(shape, impl), training=training)
+        self.config = transformer_config(cfg.model, cfg.parallel, cfg.training)
         padded = padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, 1)
-        self.policy = DistributedDataParallel(
-            config=self.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-            module=build_model_chunks(model, self.config, padded, seq)[0],
-        )
-        self.reference = build_model_chunks(model, transformer_config(model, ParallelConfig(), training), padded, seq)[0]
-        self.reference.requires_grad_(False).eval()
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-6, bf16=training.bf16, params_dtype=self.config.params_dtype, clip_grad=1.0),
-            [self.policy],
-        )
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = self.policy.no_sync
+        self.policy = wrap_ddp(cfg, self.config, build_chunks(cfg, padded, self.config))[0]
+        self.reference = build_chunks(cfg, padded, frozen=True)[0]
+        self.optimizer = build_optimizer(cfg, self.config, [self.policy])
         self.vocab = shape.vocab_size
         # One pair: chosen row, rejected row; the second half of each row is the response.
         g = torch.Generator().manual_seed(0)

@@ -19,11 +19,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _util import Activation, best_time, machine, peak_rss_window, print_result
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import Activation, best_time, machine, peak_rss_window, print_result  # noqa: E402
-
-from sampo_megatron.ops import vocab_parallel_logprobs  # noqa: E402
+from sampo_megatron.ops import vocab_parallel_logprobs
 
 
 def _plain(logits, target, tp_group):

@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from _util import machine, print_result  # noqa: E402
+from _util import machine, print_result
 
-from sampo_megatron.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from sampo_megatron.data.preprocess import PreprocessConfig, preprocess
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(ROOT, "examples", "data")

@@ -24,9 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _dpo_workload import REPO, Workload, build  # noqa: E402
-from _util import machine, print_result  # noqa: E402
+from _dpo_workload import REPO, Workload, build
+from _util import machine, print_result
 
 VARIANTS = {
     "fixed_padding_full_logits": ["--no-variable-seq-lengths", "--no-response-logits-only"],

@@ -18,17 +18,13 @@ The last line is one JSON object; ``ratio_loop_over_ours`` per shape is ``t_loop
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _util import machine, print_result
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import machine, print_result  # noqa: E402
-
-from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss  # noqa: E402
+from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
 
 BETA = 0.1
 

@@ -38,9 +38,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _dpo_workload import REPO, Workload, build  # noqa: E402
-from _util import machine, print_result  # noqa: E402
+from _dpo_workload import REPO, Workload, build
+from _util import machine, print_result
 
 TRL_PINS = ["trl==1.16.0", "accelerate==1.15.0"]
 WARMUP_STEPS, TIMED_STEPS = 2, 10

@@ -16,6 +16,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .losses.config import LossConfig
 
@@ -36,7 +37,7 @@ class ModelConfig:
     """Attention heads."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; default: one per attention head."""
-    normalization: str = "RMSNorm"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """RMSNorm or LayerNorm."""
     norm_epsilon: float = 1e-5
     """Epsilon of the norms."""
@@ -54,13 +55,13 @@ class ModelConfig:
     """The padded vocabulary is a multiple of this times the tensor-parallel size."""
     init_method_std: float = 0.02
     """Standard deviation of the random initialisation (when no checkpoint is loaded)."""
-    transformer_impl: str = "local"
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (megatron-core, CPU and GPU) or transformer_engine (GPU)."""
     vocab_size: int | None = None
     """Vocabulary of the model (embedding rows before TP padding); default: the tokenizer's size."""
     kv_channels: int | None = None
     """Dimension of each attention head; default: hidden size / attention heads."""
-    activation: str = "gelu"
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
     """Activation of the non-gated MLP (--no-swiglu): gelu (erf) or gelu_tanh (tanh approximation)."""
     add_bias_linear: bool = False
     """Biases on all linear layers: QKV, attention output, both MLP layers (GPT-NeoX)."""
@@ -109,7 +110,7 @@ class TrainingConfig:
     """Learning rate at the end of the decay."""
     lr_warmup_fraction: float = 0.0
     """Fraction of the steps spent in linear warm-up."""
-    lr_decay_style: str = "linear"
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "linear"
     """Decay after warm-up: constant, linear or cosine."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -125,10 +126,10 @@ class TrainingConfig:
     """bfloat16 parameters and activations with fp32 master weights."""
     fp16: bool = False
     """float16 with dynamic loss scaling."""
-    fp8_format: str | None = None
+    fp8_format: Literal["e4m3", "hybrid"] | None = None
     """FP8 GEMMs through Transformer Engine (GPU, --transformer-impl transformer_engine, with --bf16):
     e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). Policy and reference replica alike."""
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     """FP8 scaling recipe of Transformer Engine: delayed, tensorwise (current scaling), blockwise, mxfp8
     (Blackwell)."""
     first_last_layers_bf16: bool = False
@@ -137,9 +138,9 @@ class TrainingConfig:
     """Layers at the start kept in BF16 with --first-last-layers-bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Layers at the end kept in BF16 with --first-last-layers-bf16."""
-    recompute_granularity: str | None = None
+    recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation: full (whole layers, with --recompute-method) or selective (core attention)."""
-    recompute_method: str | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
     """Which layers full recomputation covers: uniform (every --recompute-num-layers layers form one
     checkpointed chunk) or block (the first --recompute-num-layers layers of each pipeline stage)."""
     recompute_num_layers: int | None = None
@@ -167,15 +168,15 @@ class DataConfig:
     data_path: str | None = None
     """Preference data: a .jsonl, .json or .parquet file, a datasets save_to_disk directory, or the
     prefix of an indexed dataset written by tools/preprocess_preference_data.py (see docs/data.md)."""
-    data_format: str = "auto"
+    data_format: Literal["auto", "generic", "hh-rlhf", "ultrafeedback", "tldr"] = "auto"
     """Record layout of a raw file: generic (prompt/chosen/rejected), hh-rlhf, ultrafeedback, tldr;
     auto detects it from the first record."""
     data_split: str = "train"
     """Split to read from a datasets DatasetDict directory."""
-    prompt_template: str = "auto"
+    prompt_template: Literal["auto", "tokenizer", "llama3", "tulu", "chatml", "plain"] = "auto"
     """How prompts become text: the tokenizer's own chat template (tokenizer), llama3, tulu, chatml or
     plain; auto: the tokenizer's template if it has one, else plain."""
-    on_bad_record: str = "error"
+    on_bad_record: Literal["error", "skip"] = "error"
     """error: stop at the first bad record, naming file, line and field; skip: drop bad records and
     report the counts by reason."""
     min_response_tokens: int = 1
@@ -183,16 +184,16 @@ class DataConfig:
     prompt's protected part (BOS + chat header) within --seq-length is a bad record."""
     tokenizer_model: str | None = None
     """Hugging Face tokenizer directory or sentencepiece .model file."""
-    tokenizer_type: str = "auto"
+    tokenizer_type: Literal["auto", "huggingface", "sentencepiece"] = "auto"
     """auto, huggingface or sentencepiece."""
 
 
 @dataclass
 class ReferenceConfig:
-    ref_mode: str = "replica"
+    ref_mode: Literal["replica", "cache"] = "replica"
     """replica: a frozen copy of the policy runs forward each step; cache: per-token reference
     log-probs are computed once per epoch and read from disk."""
-    ref_update: str = "none"
+    ref_update: Literal["none", "epoch"] = "none"
     """none, or epoch: copy the policy into the reference at every epoch boundary (Iterative SamPO)."""
     ref_load: str | None = None
     """Checkpoint of the reference model; default: the policy's starting point."""
@@ -283,38 +284,41 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    explicit_flags: frozenset[str] | None = None
+    """The fields the user set (command line or --config); None when the configuration was built in
+    code. A checkpoint's architecture fills only the others, and one that disagrees with a set flag
+    is an error (models/architecture.py)."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every section's fields (the flags); ``explicit_flags`` is not one."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTION_TYPES}
 
 
-_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING}
 # LossConfig's seed is the run's --seed.
 _SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
 
 
-def _choices() -> dict[str, list[str]]:
-    from .losses import DEBIAS, LOSSES
+def trainer_loss_types() -> list[str]:
+    """The ``--loss-type`` values the trainer runs (the loss library also has TDPO, which needs the
+    reference's full-vocabulary distribution in the step: not wired into the trainer yet)."""
+    from .losses import LOSSES
 
-    return {
-        "loss_type": LOSSES.names(),
-        "length_debias": DEBIAS.names(),
-        "sampo_mask": ["shared", "independent"],
-        "normalization": ["RMSNorm", "LayerNorm"],
-        "transformer_impl": ["local", "transformer_engine"],
-        "activation": ["gelu", "gelu_tanh"],
-        "lr_decay_style": ["constant", "linear", "cosine"],
-        "tokenizer_type": ["auto", "huggingface", "sentencepiece"],
-        "data_format": ["auto", "generic", "hh-rlhf", "ultrafeedback", "tldr"],
-        "prompt_template": ["auto", "tokenizer", "llama3", "tulu", "chatml", "plain"],
-        "on_bad_record": ["error", "skip"],
-        "ref_mode": ["replica", "cache"],
-        "ref_update": ["none", "epoch"],
-        "fp8_format": ["e4m3", "hybrid"],
-        "fp8_recipe": ["delayed", "tensorwise", "blockwise", "mxfp8"],
-        "recompute_granularity": ["full", "selective"],
-        "recompute_method": ["uniform", "block"],
-    }
+    return [name for name in LOSSES.names() if not LOSSES[name].needs_token_kl]
+
+
+def _choices() -> dict[str, list[str]]:
+    """Each choice field's values: its ``Literal`` type, or (losses) the trainer's registered names."""
+    from .losses import DEBIAS
+
+    choices = {"loss_type": trainer_loss_types(), "length_debias": DEBIAS.names()}
+    for factory in _SECTION_TYPES.values():
+        for f in dataclasses.fields(factory):
+            hint = typing.get_type_hints(factory)[f.name]
+            literal = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal]
+            if literal and f.name not in choices:
+                choices[f.name] = list(typing.get_args(literal[0]))
+    return choices
 
 
 def _attribute_docs(cls) -> dict[str, str]:
@@ -333,9 +337,13 @@ def _attribute_docs(cls) -> dict[str, str]:
 
 
 def _field_type(cls, name: str):
+    """The value type of a field: ``int`` for ``int | None``, ``str`` for a ``Literal`` of strings."""
     hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not Literal else [hint]
+    hint = args[0] if args else hint
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    return hint
 
 
 def _flag_fields():
@@ -369,38 +377,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be read, or a key with a wrong name, type or value."""
+
+
+def _load_yaml(path: str) -> tuple[dict, dict[str, int]]:
+    """The file's keys (dashes as underscores) and the line of each key."""
     import yaml
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
     text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigFileError(f"{path}: not valid YAML: {problem}{line}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise ConfigFileError(f"{path}: expected a mapping of flag names to values")
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            lines[str(key_node.value).replace("-", "_")] = key_node.start_mark.line + 1
+    return {str(k).replace("-", "_"): v for k, v in data.items()}, lines
+
+
+def _typed_value(path: str, line: str, key: str, value, ftype, choices: list | None):
+    """``value`` as the field's type, or a ConfigFileError that says what YAML read and why it fails
+    (``path: message (line N)``)."""
+    if value is None:
+        return None
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif ftype is float and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:  # YAML 1.1 reads 1e-6 (no dot) as a string
+            example = f"{float(value):.1e}".replace("e-0", "e-").replace("e+0", "e+")
+            raise ConfigFileError(f"{path}: {key} must be float; YAML reads {value!r} as a string: write it with a dot, "
+                                  f"e.g. {example}{line}")  # fmt: skip
+    if isinstance(value, bool) and ftype is not bool:  # YAML's true is an int to Python; never a number here
+        raise ConfigFileError(f"{path}: {key} must be {ftype.__name__}, got {value!r}{line}")
+    if not isinstance(value, ftype):
+        raise ConfigFileError(f"{path}: {key} must be {ftype.__name__}, got {value!r}{line}")
+    if choices is not None and value not in choices:
+        raise ConfigFileError(f"{path}: {key} must be one of {choices}, got {value!r}{line}")
+    return value
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Build a :class:`RunConfig` from ``--config FILE.yaml`` and command-line flags (flags win)."""
+    """Build a :class:`RunConfig` from ``--config FILE.yaml`` and command-line flags (flags win).
+
+    Raises:
+        ConfigFileError: the YAML file is malformed, or a key is unknown or has a wrong type or value
+            (the message names file, line and key).
+    """
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     values: dict = {}
     config_path = given.pop("config", None)
     known = {name: (section, ftype) for section, name, ftype, _ in _flag_fields()}
+    choices = _choices()
     if config_path:
-        for key, value in _load_yaml(config_path).items():
+        data, lines = _load_yaml(config_path)
+        for key, value in data.items():
+            line = f" (line {lines[key]})" if key in lines else ""
             if key not in known:
-                raise ValueError(f"{config_path}: unknown key {key!r} (not a flag of pretrain_sampo.py)")
-            ftype = known[key][1]
-            if value is not None and not isinstance(value, ftype):
-                if ftype is float and isinstance(value, int):
-                    value = float(value)
-                else:
-                    raise ValueError(f"{config_path}: {key} must be {ftype.__name__}, got {value!r}")
-            if key in _choices() and value not in _choices()[key]:
-                raise ValueError(f"{config_path}: {key} must be one of {_choices()[key]}, got {value!r}")
-            values[key] = value
+                raise ConfigFileError(f"{config_path}: unknown key {key!r}, not a flag of pretrain_sampo.py{line}")
+            values[key] = _typed_value(config_path, line, key, value, known[key][1], choices.get(key))
     values.update(given)
 
     sections = {section: {} for section in _SECTION_TYPES}
@@ -409,8 +458,4 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     for (section, name), (src_section, src_name) in _SHARED_FIELDS.items():
         if src_name in sections[src_section]:
             sections[section][name] = sections[src_section][src_name]
-    run = RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()})
-    # The flags the user set (command line or --config): a checkpoint's architecture fills only the
-    # others, and one that disagrees with a set flag is an error (models/architecture.py).
-    run.explicit_flags = frozenset(values)
-    return run
+    return RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()}, explicit_flags=frozenset(values))

@@ -1,4 +1,2 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+"""tests/, tests/workers, tools/ and examples/length_bias are on the import path through pytest's
+``pythonpath`` setting (pyproject.toml); the shared helpers are tests/helpers.py."""

@@ -14,9 +14,11 @@ import pytest
 
 from sampo_megatron.checkpoint import UnsafeCheckpointError, check_torch_dist_pickles, digest_files, list_files, write_manifest
 from sampo_megatron.config import RunConfig
+from sampo_megatron.runtime.checkpointing import CheckpointLoadError, select_checkpoint, verify_checkpoint
 from sampo_megatron.training import run_lock
-from sampo_megatron.training.checkpointing import CheckpointLoadError, select_checkpoint, verify_checkpoint
 from sampo_megatron.training.run_config import ConfigChangeError, check_resume, compare
+
+from helpers import RunsCodeWhenUnpickled
 
 
 def fake_checkpoint(run: Path, iteration: int) -> Path:
@@ -79,18 +81,10 @@ def test_no_sound_checkpoint_is_an_error(tmp_path):
     assert select_checkpoint(str(tmp_path), verify=False) == str(latest)  # --no-verify-checkpoint
 
 
-class _RunsCode:
-    def __init__(self, proof: Path) -> None:
-        self.proof = proof
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.proof}",))
-
-
 def test_metadata_pickle_outside_the_allow_list_is_refused(tmp_path):
     ckpt = fake_checkpoint(tmp_path, 3)
     proof = tmp_path / "PROOF"
-    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(proof)))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(proof)))
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: the pickle names posix.system"):
         check_torch_dist_pickles(str(ckpt))
     assert not proof.exists()

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrun_util import run_torchrun
+from helpers import run_torchrun
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 WORKER = "megatron_gpt_worker.py"
 VARIANTS = ("untied", "tied")

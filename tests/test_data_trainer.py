@@ -9,7 +9,9 @@ import pytest
 
 from sampo_megatron.data.preprocess import PreprocessConfig, preprocess
 
-from torchrun_util import REPO_ROOT, run_torchrun
+from helpers import REPO_ROOT, run_torchrun
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
 DATA = REPO_ROOT / "examples" / "data"

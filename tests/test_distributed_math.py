@@ -1,6 +1,6 @@
-"""Multi-rank (torchrun + gloo) math equals the single-process float64 reference (DESIGN.md §1-2)."""
+"""Multi-rank (torchrun + gloo) math equals the single-process float64 reference (docs/architecture.md:
+the loss and the vocab-parallel log-prob op)."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,11 +8,11 @@ import torch
 
 from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
 
+import math_worker as W  # tests/workers is on pytest's pythonpath (pyproject.toml)
+from helpers import run_torchrun
 from reference import kl_reference, logprobs_reference, max_rel_error
-from torchrun_util import WORKERS, run_torchrun
 
-sys.path.insert(0, str(WORKERS))
-import math_worker as W  # noqa: E402
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 # name: (TP, CP, processes); DP = processes / (TP * CP)
 LAYOUTS = {"tp2": (2, 1, 2), "tp4": (4, 1, 4), "cp2": (1, 2, 2), "tp2_cp2": (2, 2, 4), "dp2": (1, 1, 2)}

@@ -9,7 +9,7 @@ import pytest
 from sampo_megatron.config import parse_config
 from sampo_megatron.models.gpt import fp8_unavailable_reason, transformer_config
 
-from torchrun_util import REPO_ROOT, torchrun_env
+from helpers import REPO_ROOT, torchrun_env
 
 FP8 = ["--num-layers", "6", "--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
        "--fp8-recipe", "tensorwise", "--first-last-layers-bf16", "--num-layers-at-start-in-bf16", "1",
@@ -65,6 +65,7 @@ def test_fp8_unavailable_reasons():
     assert fp8_unavailable_reason(parse_config([]).model, parse_config([]).training, False, False) is None
 
 
+@pytest.mark.multiprocess
 def test_trainer_refuses_fp8_on_cpu_with_a_clear_error():
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "pretrain_sampo.py"), "--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"),
            "--bf16", "--fp8-format", "hybrid", "--train-iters", "1", "--save", ""]  # fmt: skip

@@ -12,12 +12,13 @@ import random
 
 import pytest
 import torch
-from test_convert import make_hf_model
 
 from sampo_megatron.generation import select_next_tokens, top_p_keep_mask, uniform_draws
 from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
 
-from torchrun_util import REPO_ROOT, run_torchrun
+from helpers import REPO_ROOT, make_hf_model, run_torchrun
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 TOKENIZER = REPO_ROOT / "examples" / "data" / "tiny_tokenizer"
 PROMPTS = ["What is the opposite of fast?", "Please answer briefly. What is nine times four? Tell me more about it", "Hello",

@@ -1,5 +1,5 @@
 """Launchers: torchrun, srun-style (one process per rank, only SLURM_* variables) and mpirun give
-the same training; and the SLURM / MPI environment mapping (sampo_megatron/training/launch_env.py)."""
+the same training; and the SLURM / MPI environment mapping (sampo_megatron/runtime/launch_env.py)."""
 
 import contextlib
 import json
@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-from sampo_megatron.training.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
+from sampo_megatron.runtime.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
 
-from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
+from helpers import REPO_ROOT, run_torchrun, torchrun_env
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
 FLAGS = ["--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"), "--train-iters", "2", "--log-interval", "1"]
@@ -100,3 +102,34 @@ def test_srun_and_mpirun_train_like_torchrun(tmp_path):
     cmd = [mpirun, "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, str(LAUNCH), *flags("mpi")]
     run_all([(cmd, env)])
     assert losses(tmp_path / "mpi" / "metrics.jsonl") == pytest.approx(expected, rel=1e-6)
+
+
+def test_generate_under_srun_and_mpirun_like_torchrun(tmp_path):
+    """tools/generate.py sets up through the trainer's runtime (launcher variables included), so the
+    srun-style and mpirun launches write the same JSONL as torchrun."""
+    run_torchrun(LAUNCH, 2, *FLAGS, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("What is the opposite of fast?", "Hello", "Name a day.")))
+    generate = REPO_ROOT / "tools" / "generate.py"
+
+    def args(name):
+        return ["--load", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--output", str(tmp_path / f"{name}.jsonl"),
+                "--tensor-model-parallel-size", "2", "--max-new-tokens", "8"]  # fmt: skip
+
+    run_torchrun(generate, 2, *args("torchrun"))
+    expected = (tmp_path / "torchrun.jsonl").read_text()
+    assert len(expected.splitlines()) == 3
+
+    port = free_port()
+    while not 20000 <= port < 40000:
+        port = free_port()
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
+    run_all([([sys.executable, str(generate), *args("srun")], clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+             for r in range(2)])  # fmt: skip
+    assert (tmp_path / "srun.jsonl").read_text() == expected
+
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [shutil.which("mpirun"), "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable,
+           str(generate), *args("mpi")]  # fmt: skip
+    run_all([(cmd, env)])
+    assert (tmp_path / "mpi.jsonl").read_text() == expected

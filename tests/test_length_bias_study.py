@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from torchrun_util import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "examples" / "length_bias"))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-
-import task  # noqa: E402
-from assets import write_assets  # noqa: E402
-from plot_metrics import plot_runs, read_metrics, series  # noqa: E402
+# examples/length_bias and tools are on pytest's pythonpath (pyproject.toml).
+import task
+from assets import write_assets
+from plot_metrics import plot_runs, read_metrics, series
 
 
 def test_quality_checker():

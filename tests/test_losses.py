@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from test_masks import _debias_inputs, _layout
 
 from sampo_megatron.losses import DEBIAS, LOSSES, LossConfig, PreferenceInputs, RunningMean, preference_loss
+
+from helpers import debias_inputs, mask_layout
 
 CHOSEN = [6, 14, 9, 3]
 REJECTED = [10, 5, 9, 12]
@@ -22,7 +23,7 @@ def sig(x: float) -> float:
 
 
 def _batch(seed=0):
-    mask, index, _ = _layout(CHOSEN, REJECTED)
+    mask, index, _ = mask_layout(CHOSEN, REJECTED)
     gen = torch.Generator().manual_seed(seed)
     policy = (-torch.rand(mask.shape, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
     ref = -torch.rand(mask.shape, generator=gen, dtype=torch.float64) * 3
@@ -35,7 +36,7 @@ def _sequence_values(mask, index, policy, ref, kl, debias, cfg):
     weights = None
     if debias in ("sampo", "sampo_topk"):
         logratios = (policy - ref).detach()
-        inputs = _debias_inputs(CHOSEN, REJECTED, list(range(B)), seed=cfg.seed, mode=cfg.sampo_mask, logratios=logratios)
+        inputs = debias_inputs(CHOSEN, REJECTED, list(range(B)), seed=cfg.seed, mode=cfg.sampo_mask, logratios=logratios)
         weights = DEBIAS[debias](inputs)
     rows = []
     for r in range(2 * B):
@@ -181,7 +182,7 @@ def test_gradient_flows_only_through_kept_tokens():
     cfg = LossConfig(length_debias="sampo")
     out = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), cfg)
     out.losses.sum().backward()
-    inputs = _debias_inputs(CHOSEN, REJECTED, list(range(B)), seed=cfg.seed)
+    inputs = debias_inputs(CHOSEN, REJECTED, list(range(B)), seed=cfg.seed)
     kept = DEBIAS["sampo"](inputs).policy.bool()
     assert (policy.grad[~kept] == 0).all()
     assert (policy.grad[kept] != 0).all()

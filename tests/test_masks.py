@@ -1,46 +1,20 @@
-"""Down-sampling masks: counts, positions, determinism and uniformity (DESIGN.md §1)."""
+"""Down-sampling masks: counts, positions, determinism and uniformity (docs/architecture.md, "What SamPO computes")."""
 
 import math
 
 import torch
 
-from sampo_megatron.losses import DEBIAS, DebiasInputs
+from sampo_megatron.losses import DEBIAS
 from sampo_megatron.sampling import response_seeds, sampled_kept_mask, topk_kept_mask
 
-
-def _layout(chosen_lens, rejected_lens, prompt_len=3, pad_to=None):
-    """Rows: chosen then rejected; each row is prompt, response, padding."""
-    lengths = torch.tensor(list(chosen_lens) + list(rejected_lens))
-    seq = pad_to or prompt_len + int(lengths.max()) + 2
-    positions = torch.arange(seq)[None, :] - prompt_len
-    mask = (positions >= 0) & (positions < lengths[:, None])
-    return mask, torch.where(mask, positions, -1), lengths
-
-
-def _debias_inputs(chosen_lens, rejected_lens, sample_ids, *, seed=7, epoch=0, mode="shared", logratios=None):
-    mask, index, lengths = _layout(chosen_lens, rejected_lens)
-    b = len(chosen_lens)
-    ids = torch.tensor(sample_ids)
-    return DebiasInputs(
-        response_mask=mask,
-        response_index=index,
-        lengths=lengths,
-        partner_lengths=torch.cat([lengths[b:], lengths[:b]]),
-        sample_ids=torch.cat([ids, ids]),
-        roles=torch.tensor([0] * b + [1] * b),
-        logratios=logratios,
-        seed=seed,
-        epoch=epoch,
-        sampo_mask=mode,
-    )
-
+from helpers import debias_inputs, mask_layout
 
 CHOSEN = [5, 12, 9, 1, 30, 7]
 REJECTED = [11, 4, 9, 8, 2, 7]
 
 
 def test_counts_and_positions():
-    inputs = _debias_inputs(CHOSEN, REJECTED, list(range(6)))
+    inputs = debias_inputs(CHOSEN, REJECTED, list(range(6)))
     kept = DEBIAS["sampo"](inputs).policy.bool()
     t_m = torch.minimum(torch.tensor(CHOSEN), torch.tensor(REJECTED))
     assert torch.equal(kept.sum(1), torch.cat([t_m, t_m]))
@@ -52,21 +26,21 @@ def test_counts_and_positions():
 
 
 def test_independent_mode_draws_reference_separately():
-    inputs = _debias_inputs([40] * 4, [10] * 4, [0, 1, 2, 3], mode="independent")
+    inputs = debias_inputs([40] * 4, [10] * 4, [0, 1, 2, 3], mode="independent")
     weights = DEBIAS["sampo"](inputs)
     assert torch.equal(weights.policy.sum(1), weights.reference.sum(1))
     assert not torch.equal(weights.policy[:4], weights.reference[:4])
     assert torch.equal(weights.policy[4:], weights.reference[4:])  # shorter side keeps all in both
-    shared = DEBIAS["sampo"](_debias_inputs([40] * 4, [10] * 4, [0, 1, 2, 3]))
+    shared = DEBIAS["sampo"](debias_inputs([40] * 4, [10] * 4, [0, 1, 2, 3]))
     assert shared.policy is shared.reference
 
 
 def test_same_masks_whatever_the_batch_split():
-    full = DEBIAS["sampo"](_debias_inputs(CHOSEN, REJECTED, list(range(100, 106)))).policy
+    full = DEBIAS["sampo"](debias_inputs(CHOSEN, REJECTED, list(range(100, 106)))).policy
     s = full.shape[1]
     for split in ([0, 1, 2], [3, 4, 5]), ([4], [0, 5, 2, 1, 3]):
         for part in split:
-            inputs = _debias_inputs([CHOSEN[i] for i in part], [REJECTED[i] for i in part], [100 + i for i in part])
+            inputs = debias_inputs([CHOSEN[i] for i in part], [REJECTED[i] for i in part], [100 + i for i in part])
             got = DEBIAS["sampo"](inputs).policy
             got = torch.nn.functional.pad(got, (0, s - got.shape[1]))
             expected = full[torch.tensor(part + [i + 6 for i in part])]
@@ -74,14 +48,14 @@ def test_same_masks_whatever_the_batch_split():
 
 
 def test_masks_change_with_sample_epoch_and_seed():
-    base = DEBIAS["sampo"](_debias_inputs([50], [20], [3])).policy
+    base = DEBIAS["sampo"](debias_inputs([50], [20], [3])).policy
     for changed in (
-        _debias_inputs([50], [20], [4]),
-        _debias_inputs([50], [20], [3], epoch=1),
-        _debias_inputs([50], [20], [3], seed=8),
+        debias_inputs([50], [20], [4]),
+        debias_inputs([50], [20], [3], epoch=1),
+        debias_inputs([50], [20], [3], seed=8),
     ):
         assert not torch.equal(DEBIAS["sampo"](changed).policy, base)
-    assert torch.equal(DEBIAS["sampo"](_debias_inputs([50], [20], [3])).policy, base)
+    assert torch.equal(DEBIAS["sampo"](debias_inputs([50], [20], [3])).policy, base)
 
 
 def test_inclusion_frequencies_are_uniform():
@@ -115,9 +89,9 @@ def test_topk_keeps_largest_logratios_with_index_tiebreak():
 
 
 def test_topk_debias_counts():
-    mask, _, _ = _layout(CHOSEN, REJECTED)
+    mask, _, _ = mask_layout(CHOSEN, REJECTED)
     logratios = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
-    inputs = _debias_inputs(CHOSEN, REJECTED, list(range(6)), logratios=logratios)
+    inputs = debias_inputs(CHOSEN, REJECTED, list(range(6)), logratios=logratios)
     kept = DEBIAS["sampo_topk"](inputs).policy.bool()
     t_m = torch.minimum(torch.tensor(CHOSEN), torch.tensor(REJECTED))
     assert torch.equal(kept.sum(1), torch.cat([t_m, t_m]))

@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 import statistics
 
-from torchrun_util import REPO_ROOT, run_torchrun
+import pytest
+
+from helpers import REPO_ROOT, run_torchrun
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 PROMPTS = ["What is the opposite of fast?", "Please answer briefly. What is nine times four?", "Name a colour."]
 

@@ -10,7 +10,7 @@ import pytest
 from sampo_megatron.planning import PRESETS, Layout, LayoutError, ModelShape, check_layout, plan_memory
 from sampo_megatron.planning.memory import stage_params
 
-from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
+from helpers import REPO_ROOT, run_torchrun, torchrun_env
 
 SHIPPED = REPO_ROOT / "examples" / "data" / "tiny_pairs.jsonl"
 TINY = [
@@ -36,6 +36,7 @@ def long_pairs(tmp_path):
     return path
 
 
+@pytest.mark.multiprocess
 def test_predicted_peak_within_15_percent_of_measured(tmp_path):
     """Single process, fp32, local attention; four layouts in one launch: reference replica and
     cache, with and without recomputation. The worker measures the peak of bytes held by torch's CPU
@@ -112,6 +113,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.multiprocess
 def test_plan_memory_tool_and_dry_run_of_the_72b_recipe():
     tool = run_cli("tools/plan_memory.py", "--model", "qwen1.5-72b", "--tensor-model-parallel-size", "8",
                    "--pipeline-model-parallel-size", "4", "--world-size", "64", "--seq-length", "2048", "--bf16",
@@ -132,6 +134,7 @@ def test_plan_memory_tool_and_dry_run_of_the_72b_recipe():
     assert "not divisible by --tensor-model-parallel-size 6" in bad.stderr and "60 GPUs" in bad.stderr
 
 
+@pytest.mark.multiprocess
 def test_gpu_check_runs_its_code_on_cpu():
     """bench/gpu_check.py's --cpu-smoke: the same model building, SamPO step, timing and log-prob
     comparison on a tiny fp32 model (the GPU numbers need the GPU: docs/benchmarks.md)."""

@@ -17,8 +17,21 @@ import pytest
 
 from sampo_megatron.checkpoint import digest_files, list_files, write_manifest
 
-from test_trainer import BASE, COMPARED, LAUNCH, assert_same_steps, small_dataset, train
-from torchrun_util import REPO_ROOT, run_torchrun, torchrun_command, torchrun_env
+from helpers import (
+    BASE,
+    COMPARED,
+    LAUNCH,
+    REPO_ROOT,
+    RunsCodeWhenUnpickled,
+    assert_same_steps,
+    run_torchrun,
+    small_dataset,
+    torchrun_command,
+    torchrun_env,
+    train,
+)
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 TP2 = ["--tensor-model-parallel-size", "2"]
 
@@ -122,7 +135,8 @@ def _pids_running(needle: str) -> list[int]:
 
 
 def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_path):
-    flags = [*TP2, "--train-iters", "30", "--save-interval", "3", "--lr", "0.01"]
+    # 60 steps: long enough that the run is still training while a second run tries the directory
+    flags = [*TP2, "--train-iters", "60", "--save-interval", "3", "--lr", "0.01"]
     straight, _ = train(tmp_path, "straight", 2, *flags)
 
     run = tmp_path / "killed"
@@ -148,19 +162,11 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
         time.sleep(0.2)
     assert _pids_running(str(run)) == [], "ranks outlived their launcher"
     at = int(marker(run))
-    assert 3 <= at < 30
+    assert 3 <= at < 60
 
     resumed, out = train(tmp_path, "killed", 2, *flags)
     assert "took over the lock of a run that is gone" in out and f"at iteration {at}" in out
-    assert_same_steps(resumed[-(30 - at):], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
-
-
-class _RunsCode:
-    def __init__(self, proof: Path) -> None:
-        self.proof = proof
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.proof}",))
+    assert_same_steps(resumed[-(60 - at):], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
 
 
 def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):
@@ -168,7 +174,7 @@ def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(tmp_path / "run" / "ckpt" / "iter_0000001", evil)
     proof = tmp_path / "PROOF"
-    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode(proof)))
+    (evil / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(proof)))
     write_manifest(str(evil), digest_files(str(evil), list_files(str(evil))))  # a consistent manifest: not "damage"
 
     _, proc = train(tmp_path, "victim", 2, *TP2, "--train-iters", "1", "--load", str(evil), "--finetune", check=False)

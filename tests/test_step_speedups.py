@@ -11,7 +11,9 @@ from sampo_megatron.data import collate_pairs
 from sampo_megatron.data.batches import PairBatches, PairDataset, padded_length
 from sampo_megatron.data.pairs import PreferencePair
 
-from torchrun_util import REPO_ROOT, run_torchrun
+from helpers import REPO_ROOT, run_torchrun
+
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
 

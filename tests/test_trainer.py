@@ -2,26 +2,12 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from torchrun_util import REPO_ROOT, run_torchrun, torchrun_env
+from helpers import BASE, COMPARED, assert_same_steps, run_torchrun, small_dataset, torchrun_env, train
 
-LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
-SHIPPED = REPO_ROOT / "examples" / "data" / "tiny_pairs.jsonl"
-
-# A tiny model; 4 layers so that PP=2 with interleaving (1 layer per virtual stage) is possible.
-# Layouts differ only by fp32 summation order. A large learning rate makes the rewards O(0.1-1) (so
-# a relative comparison means something), and Adam's eps 1e-3 keeps the update a smooth function of
-# the gradient (with eps 1e-8, a parameter whose gradient is ~0 moves by +-lr on its sign alone).
-BASE = [
-    "--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"),
-    "--num-layers", "4", "--hidden-size", "64", "--seq-length", "96",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
-    "--lr", "0.05", "--adam-eps", "1e-3", "--lr-warmup-fraction", "0", "--length-debias", "sampo", "--log-interval", "1",
-    "--save-interval", "1000",
-]  # fmt: skip
+pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 # name: (processes, flags)
 LAYOUTS = {
@@ -36,33 +22,6 @@ LAYOUTS = {
     "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "dp2_distributed_optimizer": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
 }  # fmt: skip
-COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards_full/margins", "logps/chosen", "grad_norm")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True):
-    run_dir = tmp / name
-    metrics = run_dir / "metrics.jsonl"
-    args = [*BASE, "--save", str(run_dir / "ckpt"), "--metrics-file", str(metrics), *flags]
-    out = run_torchrun(LAUNCH, nproc, *args, env=env, check=check)
-    return (read_metrics(metrics) if metrics.exists() else []), out
-
-
-# A reward is beta x a difference of two sums of ~100 log-probs (|sum| ~ 70 here): fp32 rounding of
-# those sums (summation order differs between layouts and micro-batch widths) is ~1e-6 absolute on
-# a margin of ~0.1, i.e. ~1e-5 relative, so rewards get an absolute floor of that size.
-REWARD_ABS = 3e-6
-
-
-def assert_same_steps(actual: list[dict], expected: list[dict], rel: float, keys=COMPARED):
-    assert [m["iteration"] for m in actual] == [m["iteration"] for m in expected]
-    for a, e in zip(actual, expected):
-        for key in keys:
-            floor = REWARD_ABS if key.startswith("rewards") and rel > 1e-6 else 1e-7
-            assert a[key] == pytest.approx(e[key], rel=rel, abs=floor), (a["iteration"], key, a[key], e[key])
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +55,6 @@ def test_reference_replica_is_frozen_and_unchanged(tmp_path):
     run_torchrun("trainer_worker.py", 2, "--out", str(result), *flags, "--save", str(tmp_path / "ckpt"))
     checks = json.loads(result.read_text())
     assert checks == {key: True for key in checks} and len(checks) == 6, checks
-
-
-def small_dataset(tmp: Path, pairs: int) -> Path:
-    path = tmp / f"pairs_{pairs}.jsonl"
-    path.write_text("".join(SHIPPED.read_text().splitlines(keepends=True)[:pairs]))
-    return path
 
 
 def test_reference_cache_matches_replica(tmp_path, baseline):

@@ -27,12 +27,13 @@ import argparse
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-MAX_VOCAB = 1024
+from sampo_megatron.data.wordlevel import MAX_VOCAB, SPECIAL_TOKENS, save_hf_dir, train_tokenizer  # noqa: E402
+
 CHOSEN_LONGER_FRACTION = 0.65
 MIN_WORDS, MAX_WORDS = 5, 60
 
@@ -247,51 +248,10 @@ def corpus(pairs: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def train_tokenizer(lines: list[str]) -> Tokenizer:
-    """Word-level tokenizer with exact round trips.
-
-    Whitespace runs are normalised to one space; words carry a ``▁`` marker for the space before
-    them (Metaspace) and punctuation is split off as its own token, so ``decode(encode(text))``
-    gives back the normalised text ("Question: What is it?" stays as is).
-    """
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()]
-    )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.WordLevelTrainer(vocab_size=MAX_VOCAB, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator(lines, trainer)
-    return tok
-
-
 def write_jsonl(path: str, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
-
-
-def write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def save_hf_dir(tok: Tokenizer, out: str) -> None:
-    """Writes the files ``AutoTokenizer.from_pretrained(out)`` needs, by hand so that the output does
-    not depend on the installed transformers version."""
-    os.makedirs(out, exist_ok=True)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    special = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    write_json(os.path.join(out, "special_tokens_map.json"), special)
-    write_json(os.path.join(out, "tokenizer_config.json"), {
-        **special,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 4096,
-        # The Metaspace decoder already restores the spacing; the legacy clean-up would alter it.
-        "clean_up_tokenization_spaces": False,
-    })
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from sampo_megatron.data.wordlevel import save_hf_dir, train_tokenizer
 
-import task  # noqa: E402
-from make_tiny_assets import save_hf_dir, train_tokenizer  # noqa: E402
+import task  # this script's directory is on the path (python examples/length_bias/assets.py; pytest's pythonpath)
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:

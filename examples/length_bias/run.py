@@ -23,9 +23,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
+# This script's directory is on the path when it runs (python examples/length_bias/run.py).
 from assets import write_assets  # noqa: E402
 from report import write_report  # noqa: E402
 

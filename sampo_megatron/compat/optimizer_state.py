@@ -7,7 +7,7 @@ without it on both lines (tests/test_trainer.py resumes, the step after a resume
 TE's or Apex's fused Adam (the usual GPU set-up) there is no such ``step`` and none of them acts.
 :func:`check_sites` asserts that what they rely on exists in the installed release.
 
-Entry points for training/checkpointing.py: :func:`prepare_optimizer_state` before asking the
+Entry points for runtime/checkpointing.py: :func:`prepare_optimizer_state` before asking the
 optimizer for its sharded state, :func:`load_optimizer_state` to load one.
 """
 

@@ -23,7 +23,8 @@ from ..checkpoint import digest_files, list_files, write_manifest
 from ..config import ModelConfig
 from ..data.tokenizer import copy_tokenizer
 from ..models.architecture import ARCHITECTURE_FILE, CheckpointArchitecture, model_architecture, write_architecture
-from ..models.gpt import ffn_hidden_size, padded_vocab_size
+from ..models.gpt import padded_vocab_size
+from ..validation import split_rule_problems
 from .errors import ConversionError
 from .families import model_from_hf
 from .hf_checkpoint import CONFIG_FILE, HFCheckpoint
@@ -38,33 +39,13 @@ BLOCK_BYTES = 32 * 2**20
 
 
 def check_layout(model: ModelConfig, tp: int, pp: int, vpp_layers: int | None) -> None:
-    """Refuse a TP / PP / VPP layout megatron-core cannot split this model into.
+    """Refuse a TP / PP / VPP layout megatron-core cannot split this model into (the trainer's rules,
+    sampo_megatron/validation.py).
 
     Raises:
         ConversionError: naming what does not divide what.
     """
-    heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    problems = []
-    if tp < 1 or pp < 1:
-        problems.append("tensor- and pipeline-parallel sizes must be >= 1")
-    else:
-        if heads % tp:
-            problems.append(f"tensor-parallel size {tp} does not divide the {heads} attention heads")
-        if groups % tp:
-            problems.append(f"tensor-parallel size {tp} does not divide the {groups} query groups (key/value heads)")
-        if ffn_hidden_size(model) % tp:
-            problems.append(f"tensor-parallel size {tp} does not divide the MLP width {ffn_hidden_size(model)}")
-        if model.num_layers % pp:
-            problems.append(f"pipeline-parallel size {pp} does not divide the {model.num_layers} layers")
-        elif vpp_layers is not None:
-            per_stage = model.num_layers // pp
-            if pp == 1:
-                problems.append("--num-layers-per-virtual-pipeline-stage needs a pipeline-parallel size > 1")
-            elif vpp_layers < 1 or per_stage % vpp_layers:
-                problems.append(
-                    f"--num-layers-per-virtual-pipeline-stage {vpp_layers} does not divide the {per_stage} layers per pipeline stage"
-                )
+    problems = split_rule_problems(model, tp, pp, vpp_layers)
     if problems:
         raise ConversionError("cannot use this parallel layout: " + "; ".join(problems))
 

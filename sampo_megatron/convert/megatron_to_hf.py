@@ -164,11 +164,11 @@ def convert_megatron_to_hf(
             or tensors that do not match the architecture.
     """
     ckpt = resolve_checkpoint_dir(load)
-    _check_files(ckpt, trust_checkpoint)
-    arch = read_architecture(ckpt)
+    arch = read_architecture(ckpt)  # JSON: safe to read before the checks
     if arch is None:
         raise ConversionError(f"{ckpt}: missing file sampo_model.json (the architecture); only checkpoints written by "
                               "the converter or by this trainer can be exported")  # fmt: skip
+    _check_files(ckpt, trust_checkpoint)
     model = arch.model_config()
     if model.vocab_size is None:
         raise ConversionError(f"{ckpt}/sampo_model.json: no vocab_size")

@@ -18,11 +18,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from ..checkpoint.layout import iteration_dir, marked_iteration
 from .errors import ConversionError
-
-# The marker a trainer --save directory points at its latest checkpoint with (training/checkpointing.py;
-# convert/ does not import training/).
-MARKER = "latest_checkpointed_iteration.txt"
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -31,13 +28,12 @@ def resolve_checkpoint_dir(path: str) -> str:
     Raises:
         ConversionError: no checkpoint there.
     """
-    marker = os.path.join(path, MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            text = f.read().strip()
-        if not text.isdigit():
-            raise ConversionError(f"{marker}: expected an iteration number, found {text!r}")
-        path = os.path.join(path, f"iter_{int(text):07d}")
+    try:
+        iteration = marked_iteration(path)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    if iteration is not None:
+        path = iteration_dir(path, iteration)
     if not os.path.isfile(os.path.join(path, "metadata.json")) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise ConversionError(f"{path}: no torch_dist checkpoint there (missing file metadata.json or .metadata)")
     return path

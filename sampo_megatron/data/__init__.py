@@ -5,7 +5,7 @@ Depends on torch, numpy and the tokenizer libraries; megatron-core is imported o
 :mod:`~sampo_megatron.data.indexed` (lazily), pyarrow / datasets only when such files are read.
 """
 
-from .batches import PairBatches, PairDataset, collate_pairs, split_for_rank
+from .batches import MicroBatch, PairBatches, PairDataset, collate_pairs, split_for_rank
 from .encoding import EncoderSpec, PairEncoder, resolve_layout
 from .errors import ON_BAD_RECORD, REASONS, BadRecord, BadRecordLog, Location
 from .layouts import DATA_FORMATS, LAYOUTS, PreferenceText, detect_layout
@@ -28,6 +28,7 @@ __all__ = [
     "EncoderSpec",
     "HuggingFaceTokenizer",
     "Location",
+    "MicroBatch",
     "PairBatches",
     "PairDataset",
     "PairEncoder",

@@ -7,7 +7,7 @@ and gets exactly the data an uninterrupted run would have seen, without replayin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Required, TypedDict, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +51,32 @@ class PairDataset:
         return rng.permutation(len(self.pairs)).tolist()
 
 
+class MicroBatch(TypedDict, total=False):
+    """One micro-batch of whole preference pairs, the unit megatron-core's schedules iterate over.
+
+    Rows ``0..P-1`` are the chosen responses and rows ``P..2P-1`` the rejected ones of the same
+    ``P`` pairs (row ``i`` and row ``P + i`` are one pair), so a pair's loss is computed on one rank.
+    ``S`` is the micro-batch's width (see :func:`collate_pairs`); under context parallelism each CP
+    rank holds its slice of every ``[2P, S]`` field.
+    """
+
+    tokens: Required[torch.Tensor]
+    """[2P, S] int64: prompt + response, right-padded."""
+    labels: Required[torch.Tensor]
+    """[2P, S] int64: ``tokens`` shifted left by one; the pad id where there is no target."""
+    response_mask: Required[torch.Tensor]
+    """[2P, S] bool: True where ``labels`` is a response token (EOS included)."""
+    position_ids: Required[torch.Tensor]
+    """[2P, S] int64: positions (RoPE)."""
+    sample_ids: Required[torch.Tensor]
+    """[P] int64: the pairs' ids (the SamPO draws and the reference cache are keyed by them)."""
+    ref_logps: torch.Tensor
+    """[2P, S] float: reference log-probs, attached by the reference (training/reference.py)."""
+    response_index: torch.Tensor
+    """[2P, S] int64: position inside the response over the whole sequence (-1 elsewhere); set before
+    a context-parallel split, so the down-sampling draw sees whole responses."""
+
+
 def padded_length(longest: int, seq_length: int, pad_to_multiple_of: int | None) -> int:
     """Columns of a micro-batch whose longest sequence has ``longest`` tokens.
 
@@ -66,8 +92,8 @@ def padded_length(longest: int, seq_length: int, pad_to_multiple_of: int | None)
 
 def collate_pairs(
     pairs: Sequence[PreferencePair], seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Stacks ``P`` pairs into tensors: chosen rows ``0..P-1``, rejected rows ``P..2P-1``.
+) -> MicroBatch:
+    """Stacks ``P`` pairs into a :class:`MicroBatch`: chosen rows ``0..P-1``, rejected rows ``P..2P-1``.
 
     Shapes are ``[2P, S]`` (right padding). Without ``pad_to_multiple_of``, ``S = seq_length`` for
     every micro-batch (megatron's pipeline schedule communicates tensors of one fixed shape); with
@@ -116,13 +142,7 @@ def collate_pairs(
             response_mask[row, len(pair.prompt_ids) - 1 : length - 1] = True
     position_ids = torch.arange(width, dtype=torch.int64).unsqueeze(0).expand(2 * n, -1).contiguous()
     sample_ids = torch.tensor([p.sample_id for p in pairs], dtype=torch.int64)
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "response_mask": response_mask,
-        "position_ids": position_ids,
-        "sample_ids": sample_ids,
-    }
+    return MicroBatch(tokens=tokens, labels=labels, response_mask=response_mask, position_ids=position_ids, sample_ids=sample_ids)
 
 
 def split_for_rank(pairs: Sequence[T], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[T]]:
@@ -216,7 +236,7 @@ class PairBatches:
 
     def micro_batches(
         self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int
-    ) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    ) -> tuple[int, list[MicroBatch]]:
         """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :func:`split_for_rank`."""
         epoch, pairs = self.batch_at(step)
         parts = split_for_rank(pairs, dp_rank, dp_size, micro_batch_size)

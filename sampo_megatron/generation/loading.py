@@ -1,26 +1,19 @@
 """A model for generation outside the trainer: the architecture and weights of a checkpoint, built
-at the TP/PP layout of this launch (dist_checkpointing reshards on load)."""
+at the TP/PP layout of this launch (dist_checkpointing reshards on load). The set-up is the
+trainer's (sampo_megatron/runtime/): launcher variables (torchrun, srun, mpirun), process groups,
+compat, model-parallel state, model chunks."""
 
 from __future__ import annotations
 
-import os
-
-import torch
-import torch.distributed as dist
-
 from ..config import RunConfig
 from ..data import load_tokenizer
-from ..models.architecture import adopt_architecture
-from ..models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
-from ..training.checkpointing import CheckpointContents, load_checkpoint, resolve_checkpoint, select_checkpoint
+from ..models.gpt import model_vocab_sizes
+from ..runtime.builders import build_chunks, resolve_architecture, virtual_pipeline_size
+from ..runtime.checkpointing import CheckpointContents, load_checkpoint, resolve_checkpoint, select_checkpoint
+from ..runtime.distributed import close_distributed, init_distributed, init_model_parallel
+from ..validation import ConfigError, validate_or_raise
 
-
-def _init_distributed() -> None:
-    if dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+__all__ = ["close_distributed", "load_for_generation"]
 
 
 def load_for_generation(cfg: RunConfig):
@@ -34,48 +27,18 @@ def load_for_generation(cfg: RunConfig):
         ``(chunks, tokenizer, vocab_size)``: the model in eval mode, its tokenizer, and the real
         vocabulary size (the TP padding columns excluded).
     """
-    if not cfg.checkpoint.load:
-        raise ValueError("--load is required: the checkpoint to generate from")
-    ckpt = resolve_checkpoint(cfg.checkpoint.load) if os.path.isdir(cfg.checkpoint.load) else None
-    if ckpt is None:
+    validate_or_raise(cfg, purpose="generate")
+    if resolve_checkpoint(cfg.checkpoint.load) is None:
         raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no checkpoint there")
-    arch = adopt_architecture(cfg.model, getattr(cfg, "explicit_flags", None), {"--load": ckpt})
-    if arch is not None and cfg.data.tokenizer_model is None:
-        cfg.data.tokenizer_model = arch.tokenizer
+    resolve_architecture(cfg, flags=("--load",))
     if cfg.data.tokenizer_model is None:
-        raise ValueError(f"--load {ckpt} names no tokenizer (sampo_model.json): pass --tokenizer-model")
-    if cfg.parallel.context_parallel_size > 1:
-        raise ValueError("generation does not support --context-parallel-size > 1")
-    _init_distributed()
-    from ..compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    from megatron.core import parallel_state, tensor_parallel
-
-    tconfig = transformer_config(cfg.model, cfg.parallel, cfg.training)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=tconfig.virtual_pipeline_model_parallel_size,
-    )
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+        raise ConfigError(f"--load {cfg.checkpoint.load} names no tokenizer (sampo_model.json): pass --tokenizer-model")
+    init_distributed()
+    par = init_model_parallel(cfg.parallel, cfg.training.seed, virtual_pipeline_size(cfg))
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     vocab, padded = model_vocab_sizes(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
-    chunks = build_model_chunks(cfg.model, tconfig, padded, cfg.training.seq_length)
-    c = cfg.checkpoint  # verified before anything of it is unpickled (training/checkpointing.py)
-    ckpt = select_checkpoint(cfg.checkpoint.load, c.verify_checkpoint, fallback=False, trust=c.trust_checkpoint)
-    load_checkpoint(ckpt, chunks, CheckpointContents(), parallel_state.get_data_parallel_group(with_context_parallel=True))
-    for chunk in chunks:
-        chunk.requires_grad_(False)
-        chunk.eval()
+    chunks = build_chunks(cfg, padded, frozen=True)
+    c = cfg.checkpoint  # verified before anything of it is unpickled (runtime/checkpointing.py)
+    ckpt = select_checkpoint(c.load, c.verify_checkpoint, fallback=False, trust=c.trust_checkpoint)
+    load_checkpoint(ckpt, chunks, CheckpointContents(), par.dp_cp_group)
     return chunks, tokenizer, vocab
-
-
-def close_distributed() -> None:
-    """Destroy the process groups (gloo threads left to interpreter exit can abort the process)."""
-    from megatron.core import parallel_state
-
-    if dist.is_initialized():
-        dist.barrier()
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+LossType = Literal["sigmoid", "robust", "ipo", "hinge", "dpop", "bco_pair", "nca_pair", "sppo_hard", "kto_pair", "rdpo", "simpo",
+                   "sft", "tdpo1", "tdpo2"]  # fmt: skip
+"""The names registered in :mod:`sampo_megatron.losses.pairwise` (tests/test_losses.py checks they agree)."""
+LengthDebias = Literal["none", "sampo", "sampo_topk", "sanorm"]
+"""The names registered in :mod:`sampo_megatron.losses.debias`."""
 
 
 @dataclass
 class LossConfig:
     """What the preference loss computes. Field names match the trainer's ``--flags``."""
 
-    loss_type: str = "sigmoid"
+    loss_type: LossType = "sigmoid"
     """Pairwise objective, a name registered in :mod:`sampo_megatron.losses.pairwise`."""
-    length_debias: str = "none"
+    length_debias: LengthDebias = "none"
     """Length-debiasing transform of the per-token log-ratios: none, sampo, sampo_topk or sanorm."""
-    sampo_mask: str = "shared"
+    sampo_mask: Literal["shared", "independent"] = "shared"
     """``shared``: one draw per response applied to the log-ratio (paper Eq. 10); ``independent``:
     separate draws for policy and reference log-probs (the official code's behaviour)."""
     beta: float = 0.1

@@ -76,7 +76,7 @@ def preference_loss(
     cp_group=None,
     reward_mean: RunningMean | None = None,
 ) -> PreferenceLossOutput:
-    """Per-pair preference loss with length debiasing, and the metrics DESIGN.md §3 lists.
+    """Per-pair preference loss with length debiasing, and the per-step metrics (docs/architecture.md).
 
     Args:
         inputs: per-token log-probs and masks.

@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp_size``."""
-    multiple = divisible_by * tp_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+from ..planning.shapes import padded_vocab_size  # noqa: F401  (the rule; models import it from here)
 
 
 def model_vocab_sizes(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -> tuple[int, int]:
@@ -112,6 +107,16 @@ def check_fp8_available(model: ModelConfig, training: TrainingConfig) -> None:
     reason = fp8_unavailable_reason(model, training, cuda, te)
     if reason:
         raise RuntimeError(reason)
+
+
+def attention_window_problem(model: ModelConfig, seq_length: int) -> str | None:
+    """Why ``seq_length`` cannot run with the model's attention window (Mistral), or None."""
+    if model.sliding_window is None or seq_length <= model.sliding_window:
+        return None
+    return (
+        f"--seq-length {seq_length} exceeds the model's attention window ({model.sliding_window} tokens, sliding_window): "
+        "attention here is fully causal, which equals the windowed attention only for sequences within the window"
+    )
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig):
@@ -274,12 +279,9 @@ def build_model_chunks(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    if model.sliding_window is not None and seq_length > model.sliding_window:
-        raise ValueError(
-            f"--seq-length {seq_length} exceeds the model's attention window ({model.sliding_window} "
-            "tokens, sliding_window): attention here is fully causal, which equals the windowed "
-            "attention only for sequences within the window"
-        )
+    problem = attention_window_problem(model, seq_length)
+    if problem:
+        raise ValueError(problem)
     spec = layer_spec(model)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []

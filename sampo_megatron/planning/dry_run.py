@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from .layout import LayoutError, check_layout
 from .memory import format_plan, plan_memory
 from .presets import shape_from_model_config
 from .shapes import Layout, ModelShape
@@ -55,33 +54,30 @@ def model_shape(cfg) -> ModelShape:
 
 
 def dry_run_report(cfg, environ: Mapping[str, str] | None = None) -> str:
-    """Check the layout of ``cfg`` and return its memory plan as text.
+    """Check ``cfg`` as the trainer would (sampo_megatron/validation.py) and return its memory plan as text.
 
     The world size is ``--world-size``, else the launcher's (``WORLD_SIZE``, ``SLURM_NTASKS``, MPI),
     else 1. A checkpoint's ``sampo_model.json`` under ``--load`` / ``--ref-load`` sets the
     architecture as in a real run.
 
     Raises:
-        LayoutError: the layout cannot run this model (every problem listed).
+        ConfigError: the configuration cannot run (every problem listed, in the trainer's words).
     """
-    from ..models.architecture import adopt_architecture
-    from ..training.checkpointing import resolve_checkpoint
-    from ..training.launch_env import world_size_from_launcher
+    from ..runtime.builders import resolve_architecture
+    from ..runtime.launch_env import world_size_from_launcher
+    from ..validation import ConfigError, validate_or_raise
 
     environ = os.environ if environ is None else environ
-    paths = {"--load": cfg.checkpoint.load, "--ref-load": cfg.reference.ref_load}
-    sources = {flag: resolve_checkpoint(p) for flag, p in paths.items() if p and os.path.isdir(p)}
-    adopt_architecture(cfg.model, getattr(cfg, "explicit_flags", None), sources)
+    resolve_architecture(cfg, flags=("--load", "--ref-load"))
     world_size = cfg.plan.world_size or world_size_from_launcher(environ)
     guessed = world_size is None
     world_size = world_size or 1
-    shape = model_shape(cfg)
-    layout = layout_from_config(cfg, world_size)
     try:
-        check_layout(shape, layout, world_size)
-    except LayoutError as err:
+        validate_or_raise(cfg, world_size, purpose="dry_run")
+    except ConfigError as err:
         if guessed:  # the likeliest mistake: the run's GPU count was never given
-            raise LayoutError(f"{err}\n  (no launcher sets the world size here, so 1 GPU was assumed: pass --world-size N)") from None
+            raise ConfigError(f"{err}\n  (no launcher sets the world size here, so 1 GPU was assumed: pass --world-size N)") from None
         raise
-    plan = plan_memory(shape, layout)
+    shape = model_shape(cfg)
+    plan = plan_memory(shape, layout_from_config(cfg, world_size))
     return format_plan(plan, cfg.plan.gpu_memory_gib)

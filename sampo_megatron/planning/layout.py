@@ -13,6 +13,27 @@ class LayoutError(ValueError):
     """A layout the model cannot be split into; the message lists every problem."""
 
 
+def split_problems(heads: int, groups: int, layers: int, tp: int, pp: int, vpp: int = 1, ffn: int | None = None) -> list[str]:
+    """Why megatron-core cannot split a model with ``heads`` attention heads, ``groups`` key/value
+    heads, ``layers`` layers (and an MLP ``ffn`` wide) over TP ``tp``, PP ``pp`` and ``vpp`` virtual
+    stages per pipeline rank; empty when it can. The one statement of these rules (the trainer's
+    validation, ``--dry-run``, the planner and the converter use it).
+
+    Query groups may be fewer than TP: megatron-core then gives each TP rank one key/value head,
+    replicated over TP / groups ranks, so groups and TP need only divide one another.
+    """
+    problems = []
+    if heads % tp:
+        problems.append(f"attention heads ({heads}) not divisible by --tensor-model-parallel-size {tp}")
+    if groups % tp and tp % groups:
+        problems.append(f"query groups ({groups}) and --tensor-model-parallel-size {tp}: one must divide the other")
+    if ffn is not None and ffn % tp:
+        problems.append(f"MLP width ({ffn}) not divisible by --tensor-model-parallel-size {tp}")
+    if layers % (pp * vpp):
+        problems.append(f"layers ({layers}) not divisible by --pipeline-model-parallel-size {pp} x virtual stages {vpp}")
+    return problems
+
+
 def layout_problems(shape: ModelShape, layout: Layout, world_size: int | None = None) -> list[str]:
     """Every reason ``layout`` cannot run ``shape`` (empty when it can).
 
@@ -21,16 +42,8 @@ def layout_problems(shape: ModelShape, layout: Layout, world_size: int | None = 
         layout: the layout.
         world_size: GPUs of the run, when known: must be TP x PP x CP x DP.
     """
-    problems = []
     t = layout.tp
-    if shape.num_attention_heads % t:
-        problems.append(f"attention heads ({shape.num_attention_heads}) not divisible by --tensor-model-parallel-size {t}")
-    if shape.num_query_groups % t:
-        problems.append(f"query groups ({shape.num_query_groups}) not divisible by --tensor-model-parallel-size {t}")
-    if shape.num_layers % (layout.pp * layout.vpp):
-        problems.append(
-            f"layers ({shape.num_layers}) not divisible by --pipeline-model-parallel-size {layout.pp} x virtual stages {layout.vpp}"
-        )
+    problems = split_problems(shape.num_attention_heads, shape.num_query_groups, shape.num_layers, t, layout.pp, layout.vpp)
     if layout.global_batch_size % (layout.micro_batch_size * layout.dp):
         problems.append(
             f"--global-batch-size {layout.global_batch_size} not divisible by --micro-batch-size "

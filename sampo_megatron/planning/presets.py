@@ -4,10 +4,9 @@ written in (no download), and the reader of such a file."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
-from .shapes import ModelShape
+from .shapes import ModelShape, padded_vocab_size
 
 PRESETS: dict[str, ModelShape] = {
     # EleutherAI/pythia-2.8b: GPT-NeoX, parallel residual, rotary_pct 0.25, untied, biases.
@@ -103,5 +102,4 @@ def shape_from_model_config(model, vocab_size: int) -> ModelShape:
 
 def padded_vocab(shape: ModelShape, tp: int) -> int:
     """Megatron's vocabulary padding (a multiple of ``divisible_by x TP``)."""
-    multiple = shape.make_vocab_size_divisible_by * tp
-    return int(math.ceil(shape.vocab_size / multiple) * multiple)
+    return padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, tp)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron's vocabulary padding: a multiple of ``divisible_by * tp_size`` (the embedding and
+    output rows; the one statement of the rule, used by the models, the converter and the planner)."""
+    multiple = divisible_by * tp_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ import json
 import os
 import time
 
+import torch
+import torch.distributed as dist
+
 from .nonfinite import sanitize_metrics
 
 # Console columns, in order; everything else goes to the file and TensorBoard only.
@@ -26,6 +29,31 @@ _CONSOLE = (
     ("eval/rewards/margins", "eval_margins", "{:+.4f}"),
     ("eval/rewards_full/margins", "eval_margins_full", "{:+.4f}"),
 )
+
+
+def reduce_step_metrics(losses_reduced: list[dict], dp_group) -> dict[str, float]:
+    """Per-pair means over the global batch of the metric sums each micro-batch's loss returned
+    (training/step.py), summed over data parallelism. Call on the last pipeline stage."""
+    names = sorted(losses_reduced[0]["sums"])
+    device = losses_reduced[0]["sums"][names[0]].device if names else torch.device("cpu")
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    for out in losses_reduced:
+        totals[:-1] += torch.stack([out["sums"][n].to(device) for n in names])
+        totals[-1] += out["pairs"]
+    dist.all_reduce(totals, group=dp_group)
+    totals = totals.cpu()
+    return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or the process's peak resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 class MetricsLogger:

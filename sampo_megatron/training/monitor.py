@@ -17,10 +17,13 @@ import time
 
 import torch
 
-from ..data import DataOptions, collate_pairs, load_pairs
+from ..config import RunConfig
+from ..data import DataOptions, MicroBatch, collate_pairs, load_pairs
 from ..generation import GenerationConfig, encode_prompts, generate_sharded, read_prompts
 from ..losses import LOSSES, PreferenceInputs, preference_loss
+from ..runtime.distributed import ParallelInfo
 from .reference import forward_only_logps
+from .step import StepContext
 
 # Held-out rewards are reported as these metrics' means over the pairs.
 _REWARD_METRICS = ("rewards", "rewards_full")
@@ -37,47 +40,53 @@ def length_summary(lengths: list[int], stopped_at_eos: list[bool]) -> dict[str, 
 
 
 class VerbosityMonitor:
-    """Evaluates a trainer's policy; built by the trainer when ``--eval-interval`` is set.
+    """Evaluates the policy; built by the trainer when ``--eval-interval`` is set. Reads the models,
+    changes nothing.
 
     Args:
-        trainer: the :class:`~sampo_megatron.training.trainer.Trainer` (its policy chunks, reference,
-            tokenizer, step context and process groups are used; nothing is changed).
+        cfg: the run's configuration (``eval``, ``data``, ``training`` and ``parallel`` are read).
+        tokenizer: the run's tokenizer.
+        vocab_size: the model's vocabulary (TP padding columns excluded).
+        policy: the policy's (DDP-wrapped) model chunks.
+        reference: the reference replica's chunks, or None (a cache or a reference-free loss).
+        ctx: the training step's context (loss configuration, TP group).
+        par: this rank's place in the layout.
+        message: prints on the logging rank.
     """
 
-    def __init__(self, trainer) -> None:
-        cfg = trainer.cfg
+    def __init__(self, cfg: RunConfig, tokenizer, vocab_size: int, policy: list, reference: list | None, ctx: StepContext,
+                 par: ParallelInfo, message) -> None:  # fmt: skip
         ev = cfg.eval
         if ev.eval_prompts is None and ev.eval_data_path is None:
             raise ValueError("--eval-interval needs --eval-prompts (lengths) and/or --eval-data-path (held-out rewards)")
-        if trainer.cp_size > 1:
+        if par.cp_size > 1:
             raise ValueError("the verbosity monitor (--eval-interval) does not support --context-parallel-size > 1")
-        self.trainer = trainer
+        self.cfg, self.tokenizer, self.vocab_size = cfg, tokenizer, vocab_size
+        self.policy, self.reference, self.ctx, self.par = policy, reference, ctx, par
         self.interval = ev.eval_interval
         self.output = ev.eval_output
         self.generation = GenerationConfig(ev.eval_max_new_tokens, ev.eval_temperature, ev.eval_top_p, cfg.training.seed, ev.eval_batch_size)
         self.prompts = read_prompts(ev.eval_prompts) if ev.eval_prompts else []
-        tokenizer = trainer.tokenizer
         self.prompt_ids = encode_prompts(self.prompts, tokenizer, cfg.data.prompt_template)
-        self.micro_batches = self._held_out_batches() if ev.eval_data_path else []
-        if self.micro_batches and trainer.reference is None and not LOSSES[cfg.loss.loss_type].reference_free:
+        self.micro_batches = self._held_out_batches(message) if ev.eval_data_path else []
+        if self.micro_batches and reference is None and not LOSSES[cfg.loss.loss_type].reference_free:
             raise ValueError("held-out rewards (--eval-data-path) need the reference replica: use --ref-mode replica")
 
-    def _held_out_batches(self) -> list[dict]:
-        t, cfg = self.trainer, self.trainer.cfg
+    def _held_out_batches(self, message) -> list[MicroBatch]:
+        cfg = self.cfg
         d = cfg.data
         options = DataOptions(
             cfg.training.seq_length, d.data_format, d.prompt_template, d.on_bad_record, d.min_response_tokens,
-            d.data_split, model_vocab_size=t.vocab_size,
+            d.data_split, model_vocab_size=self.vocab_size,
         )  # fmt: skip
-        pairs, bad, source = load_pairs(cfg.eval.eval_data_path, t.tokenizer, options)
-        t.logger.message(f"eval data: {source}; {bad.summary(len(pairs))}")
+        pairs, bad, source = load_pairs(cfg.eval.eval_data_path, self.tokenizer, options)
+        message(f"eval data: {source}; {bad.summary(len(pairs))}")
         size = cfg.training.micro_batch_size
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         batches = []
         for start in range(0, len(pairs), size):
             # Fixed width (--seq-length): the pipeline schedule sends one shape.
-            batch = collate_pairs(pairs[start : start + size], cfg.training.seq_length, t.tokenizer.pad_id)
-            batches.append({**{k: v.to(device) for k, v in batch.items()}, "epoch": 0})
+            batch = collate_pairs(pairs[start : start + size], cfg.training.seq_length, self.tokenizer.pad_id)
+            batches.append(MicroBatch(**{k: v.to(self.par.device) for k, v in batch.items()}))
         return batches
 
     def due(self, iteration: int) -> bool:
@@ -95,33 +104,32 @@ class VerbosityMonitor:
         return metrics
 
     def _lengths(self, iteration: int) -> dict[str, float]:
-        t = self.trainer
+        cfg, tok = self.cfg, self.tokenizer
         results = generate_sharded(
-            t.model, self.prompt_ids, self.generation, eos_id=t.tokenizer.eos_id, pad_id=t.tokenizer.pad_id,
-            vocab_size=t.vocab_size, max_length=t.cfg.training.seq_length, sequence_parallel=t.cfg.parallel.sequence_parallel,
+            self.policy, self.prompt_ids, self.generation, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            vocab_size=self.vocab_size, max_length=cfg.training.seq_length, sequence_parallel=cfg.parallel.sequence_parallel,
         )  # fmt: skip
-        if self.output and t.logs:
+        if self.output and self.par.logs:
             os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
             with open(self.output, "a", encoding="utf-8") as f:
                 for prompt, g in zip(self.prompts, results):
                     record = {"iteration": iteration, "index": g.index, "prompt": prompt,
-                              "response": t.tokenizer.decode(g.response_ids), "num_tokens": g.num_tokens,
+                              "response": tok.decode(g.response_ids), "num_tokens": g.num_tokens,
                               "stopped_at_eos": g.stopped_at_eos}  # fmt: skip
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
         return length_summary([g.num_tokens for g in results], [g.stopped_at_eos for g in results])
 
     @torch.no_grad()
     def _held_out_rewards(self) -> dict[str, float]:
-        t = self.trainer
-        seq = t.cfg.training.seq_length
-        modes = [m.training for m in t.model]
-        for m in t.model:
+        seq = self.cfg.training.seq_length
+        modes = [m.training for m in self.policy]
+        for m in self.policy:
             m.eval()
         try:
-            policy = forward_only_logps(t.model, self.micro_batches, t.ctx, seq)
-            reference = forward_only_logps(t.reference, self.micro_batches, t.ctx, seq) if t.reference is not None else None
+            policy = forward_only_logps(self.policy, self.micro_batches, self.ctx, seq)
+            reference = forward_only_logps(self.reference, self.micro_batches, self.ctx, seq) if self.reference is not None else None
         finally:
-            for m, mode in zip(t.model, modes):
+            for m, mode in zip(self.policy, modes):
                 m.train(mode)
         if policy is None:  # not the last pipeline stage
             return {}
@@ -130,7 +138,7 @@ class VerbosityMonitor:
         for i, batch in enumerate(self.micro_batches):
             out = preference_loss(
                 PreferenceInputs(policy[i], batch["response_mask"], batch["sample_ids"], None if reference is None else reference[i]),
-                t.ctx.loss,
+                self.ctx.loss,
                 epoch=0,
             )
             for name, values in out.metrics.items():

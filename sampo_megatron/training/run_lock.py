@@ -174,6 +174,36 @@ class RunLock:
         self.info = None
 
 
+def lock_save_dir(save_dir: str | None) -> RunLock | None:
+    """Global rank 0 takes the lock of ``save_dir`` (collective): every rank gets the outcome, so
+    that all of them stop together when another run holds it.
+
+    Returns:
+        The lock on rank 0 (None elsewhere, and without a ``--save`` directory).
+
+    Raises:
+        RunLockError: on every rank, when a live run holds the directory.
+    """
+    import torch.distributed as dist
+
+    if not save_dir:
+        return None
+    lock, outcome = None, [None, None]
+    if dist.get_rank() == 0:
+        lock = RunLock(save_dir)
+        try:
+            outcome = [None, lock.acquire()]
+        except RunLockError as err:
+            outcome = [str(err), None]
+    dist.broadcast_object_list(outcome, src=0)
+    error, note = outcome
+    if error is not None:
+        raise RunLockError(error)
+    if note and dist.get_rank() == 0:
+        print(note, flush=True)
+    return lock
+
+
 def die_with_launcher() -> bool:
     """Under torchrun, have the kernel SIGKILL this process when its parent (the torchrun agent) dies.
 

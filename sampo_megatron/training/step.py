@@ -1,7 +1,9 @@
 """megatron-core ``forward_step_func`` / ``loss_func`` for the policy and the reference replica.
 
-A micro-batch is a dict from :func:`sampo_megatron.data.collate_pairs` (chosen rows, then rejected
-rows of the same pairs) plus ``epoch`` and, once the reference has run, ``ref_logps``.
+The data iterator yields :class:`~sampo_megatron.data.MicroBatch` es (chosen rows, then rejected rows
+of the same pairs; ``ref_logps`` once the reference has run). Control values are arguments, bound
+with ``functools.partial``: the epoch (the SamPO draws depend on it) and, from the forward to the
+loss, whether the logits are compact (response positions only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from functools import partial
 
 import torch
 
+from ..data import MicroBatch
 from ..losses import LossConfig, PreferenceInputs, RunningMean, preference_loss
 from ..models.response_logits import select_output_positions
 from ..ops import vocab_parallel_logprobs
@@ -31,18 +34,19 @@ class StepContext:
     """Project through the output layer only the positions whose target is a response token."""
 
 
-def _model_logits(ctx: StepContext, batch: dict, model) -> torch.Tensor:
-    """``[2P, S, V/TP]`` logits, or with ``ctx.response_logits_only`` (on the stage that has the
-    output layer) ``[1, n, V/TP]`` at the ``n`` response positions (see :func:`token_logprobs`)."""
-    batch.pop("compact_logits", None)
+def _model_logits(ctx: StepContext, batch: MicroBatch, model) -> tuple[torch.Tensor, bool]:
+    """``([2P, S, V/TP] logits, False)``, or with ``ctx.response_logits_only`` (on the stage that has
+    the output layer) ``([1, n, V/TP] logits at the n response positions, True)`` (see
+    :func:`token_logprobs`)."""
+    compact = False
     if ctx.response_logits_only:
         # [s, b] order: megatron's activations are sequence-first.
-        batch["compact_logits"] = select_output_positions(model, batch["response_mask"].t())
+        compact = select_output_positions(model, batch["response_mask"].t())
     # Causal attention needs no explicit mask; right padding only follows the real tokens.
-    return model(batch["tokens"], batch["position_ids"], None)
+    return model(batch["tokens"], batch["position_ids"], None), compact
 
 
-def token_logprobs(batch: dict, logits: torch.Tensor, ctx: StepContext, *, inplace_backward: bool) -> torch.Tensor:
+def token_logprobs(batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool, inplace_backward: bool) -> torch.Tensor:
     """``[2P, S]`` per-token log-probs of the labels.
 
     From ``[2P, S, V/TP]`` logits; or from compact ``[1, n, V/TP]`` logits at the response positions
@@ -50,7 +54,7 @@ def token_logprobs(batch: dict, logits: torch.Tensor, ctx: StepContext, *, inpla
     (the loss reads log-probs only under ``response_mask``).
     """
     labels = batch["labels"]
-    if not batch.get("compact_logits"):
+    if not compact:
         return vocab_parallel_logprobs(logits, labels, ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size)
     seq_pos, row = batch["response_mask"].t().nonzero(as_tuple=True)  # the compact logits' [s, b] order
     compact = vocab_parallel_logprobs(
@@ -62,22 +66,23 @@ def token_logprobs(batch: dict, logits: torch.Tensor, ctx: StepContext, *, inpla
     return compact.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, compact).view(rows, cols)
 
 
-def policy_forward_step(ctx: StepContext, data_iterator, model):
+def policy_forward_step(ctx: StepContext, epoch: int, data_iterator, model):
     """Forward of the policy on one micro-batch; the loss runs on the last pipeline stage."""
     batch = next(data_iterator)
-    return _model_logits(ctx, batch, model), partial(_policy_loss, ctx, batch)
+    logits, compact = _model_logits(ctx, batch, model)
+    return logits, partial(_policy_loss, ctx, epoch, batch, compact)
 
 
-def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
+def _policy_loss(ctx: StepContext, epoch: int, batch: MicroBatch, compact: bool, logits: torch.Tensor):
     # The logits are not needed after this op, so its backward may overwrite them with the gradient.
-    logps = token_logprobs(batch, logits, ctx, inplace_backward=True)
+    logps = token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=True)
     out = preference_loss(
         PreferenceInputs(
             logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps"),
             response_index=batch.get("response_index"),
         ),
         ctx.loss,
-        epoch=batch["epoch"],
+        epoch=epoch,
         cp_group=ctx.cp_group,
         reward_mean=ctx.reward_mean,
     )  # fmt: skip
@@ -91,8 +96,9 @@ def _policy_loss(ctx: StepContext, batch: dict, logits: torch.Tensor):
 def reference_forward_step(ctx: StepContext, data_iterator, model):
     """Forward-only pass of the reference: collects per-token log-probs (``non_loss_data``)."""
     batch = next(data_iterator)
-    return _model_logits(ctx, batch, model), partial(_reference_logps, ctx, batch)
+    logits, compact = _model_logits(ctx, batch, model)
+    return logits, partial(_reference_logps, ctx, batch, compact)
 
 
-def _reference_logps(ctx: StepContext, batch: dict, logits: torch.Tensor, non_loss_data: bool = True):
-    return token_logprobs(batch, logits, ctx, inplace_backward=False).detach()
+def _reference_logps(ctx: StepContext, batch: MicroBatch, compact: bool, logits: torch.Tensor, non_loss_data: bool = True):
+    return token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=False).detach()

@@ -25,7 +25,7 @@ from sampo_megatron.compat import apply_cpu_compat, model_parallel_manual_seed
 from sampo_megatron.config import ParallelConfig, TrainingConfig
 from sampo_megatron.models.architecture import ARCHITECTURE_FILE, read_architecture
 from sampo_megatron.models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
-from sampo_megatron.training.checkpointing import CheckpointContents, load_checkpoint, save_checkpoint
+from sampo_megatron.runtime.checkpointing import CheckpointContents, load_checkpoint, save_checkpoint
 
 
 def _forward_step(batch: dict, data_iterator, model):

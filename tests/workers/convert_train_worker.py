@@ -26,7 +26,7 @@ def main() -> None:
     trainer = Trainer(parse_config(argv))
     tokens = torch.load(own["--tokens"])
     policy = forward_logits(trainer.chunks, tokens)
-    reference = forward_logits(trainer.reference, tokens)
+    reference = forward_logits(trainer.reference.chunks, tokens)
     if is_writer():
         torch.save({"policy": policy, "reference": reference, "vocab_size": trainer.vocab_size}, own["--out"])
     trainer.train()

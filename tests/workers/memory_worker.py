@@ -19,6 +19,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch.profiler import ProfilerActivity, profile
 
 from sampo_megatron.config import parse_config
@@ -66,10 +67,10 @@ def main() -> None:
             "parts": plan.parts,
             "params": sum(p.numel() for chunk in trainer.chunks for p in chunk.parameters()),
             "policy_configs": configs_of(trainer.chunks),
-            "reference_configs": configs_of(trainer.reference or []),
+            "reference_configs": configs_of(trainer.reference.chunks or []),
         }
         trainer.logger.close()
-        trainer.ps.destroy_model_parallel()
+        parallel_state.destroy_model_parallel()
         del trainer, prof
         gc.collect()
     gathered = [None] * dist.get_world_size()

@@ -48,8 +48,8 @@ def run(sequence_parallel: bool, compact: bool, tp_group) -> tuple[torch.Tensor,
     install_output_selection(chunk)
     ctx = StepContext(loss=None, tp_group=tp_group, vocab_size=VOCAB, response_logits_only=compact)
     batch = micro_batch()
-    logits = _model_logits(ctx, batch, chunk)
-    logps = token_logprobs(batch, logits, ctx, inplace_backward=True)
+    logits, compact_logits = _model_logits(ctx, batch, chunk)
+    logps = token_logprobs(batch, logits, ctx, compact=compact_logits, inplace_backward=True)
     weights = torch.linspace(0.5, 1.5, logps.numel()).view_as(logps)  # an uneven upstream gradient
     (logps * weights * batch["response_mask"]).sum().backward()
     grads = {name: p.grad.detach().clone() for name, p in chunk.named_parameters() if p.grad is not None}

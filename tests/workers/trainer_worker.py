@@ -17,13 +17,13 @@ def main() -> None:
     out = sys.argv[sys.argv.index("--out") + 1]
     flags = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"]
     trainer = Trainer(parse_config(flags))
-    before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in trainer.reference]
+    before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in trainer.reference.chunks]
     policy_before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in trainer.chunks]
     optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     trainer.train()
     result = {
         "reference_unchanged": all(
-            torch.equal(p, before[i][n]) for i, chunk in enumerate(trainer.reference) for n, p in chunk.named_parameters()
+            torch.equal(p, before[i][n]) for i, chunk in enumerate(trainer.reference.chunks) for n, p in chunk.named_parameters()
         ),
         "reference_equals_initial_policy": all(
             torch.equal(before[i][n], policy_before[i][n]) for i in range(len(before)) for n in before[i]
@@ -31,11 +31,11 @@ def main() -> None:
         "policy_changed": any(
             not torch.equal(p, policy_before[i][n]) for i, chunk in enumerate(trainer.chunks) for n, p in chunk.named_parameters()
         ),
-        "reference_requires_no_grad": all(not p.requires_grad for c in trainer.reference for p in c.parameters()),
+        "reference_requires_no_grad": all(not p.requires_grad for c in trainer.reference.chunks for p in c.parameters()),
         "reference_has_no_grads": all(
-            p.grad is None and getattr(p, "main_grad", None) is None for c in trainer.reference for p in c.parameters()
+            p.grad is None and getattr(p, "main_grad", None) is None for c in trainer.reference.chunks for p in c.parameters()
         ),
-        "reference_not_in_optimizer": all(id(p) not in optimizer_params for c in trainer.reference for p in c.parameters()),
+        "reference_not_in_optimizer": all(id(p) not in optimizer_params for c in trainer.reference.chunks for p in c.parameters()),
     }
     flags_all = [None] * dist.get_world_size()
     dist.all_gather_object(flags_all, result)

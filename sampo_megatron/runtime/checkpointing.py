@@ -35,16 +35,12 @@ from ..checkpoint import (
     verify_files,
     write_manifest,
 )  # fmt: skip
+from ..checkpoint.layout import MARKER, iteration_dir, marked_iteration
 from ..compat.checkpoint_writer import stop_writer_manager
 from ..compat.optimizer_state import DISTRIB_OPTIM_SHARDING_TYPE, load_optimizer_state, prepare_optimizer_state
 
-MARKER = "latest_checkpointed_iteration.txt"
 # Fault injection for the tests: SIGKILL this process after writing a checkpoint, before its marker.
 _KILL_BEFORE_MARKER_ENV = "SAMPO_TEST_KILL_BEFORE_MARKER"
-
-
-def iteration_dir(save_dir: str, iteration: int) -> str:
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
 
 
 def resolve_checkpoint(path: str) -> str | None:
@@ -52,17 +48,11 @@ def resolve_checkpoint(path: str) -> str | None:
 
     Returns ``None`` when ``path`` holds no completed checkpoint yet (a fresh ``--save`` directory).
     """
-    marker = os.path.join(path, MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            text = f.read().strip()
-        try:
-            iteration = int(text)
-        except ValueError:
-            raise ValueError(f"{marker}: expected an iteration number, found {text!r}") from None
+    iteration = marked_iteration(path)
+    if iteration is not None:
         ckpt = iteration_dir(path, iteration)
         if not os.path.isdir(ckpt):
-            raise FileNotFoundError(f"{marker} names iteration {iteration} but {ckpt} does not exist")
+            raise FileNotFoundError(f"{os.path.join(path, MARKER)} names iteration {iteration} but {ckpt} does not exist")
         return ckpt
     if os.path.isfile(os.path.join(path, "metadata.json")):
         return path

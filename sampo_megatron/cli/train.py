@@ -1,0 +1,71 @@
+"""SamPO / DPO preference training on megatron-core (``sampo-train``, ``launch/pretrain_sampo.py``).
+
+    torchrun --nproc-per-node N launch/pretrain_sampo.py --config examples/tiny_cpu.yaml [--flags]
+
+Every flag is listed by ``--help``; ``--config FILE.yaml`` takes the same names as keys and flags
+override it. The configuration is validated before megatron-core is imported or any data is read,
+so a bad flag answers at once, one line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# megatron-core's notices about missing optional GPU libraries, repeated by every rank on CPU.
+for _message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "When using async grad allreduce",
+):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Problems of a run's input or state: their messages name the file, field or step, so they are
+    printed without a traceback."""
+    from ..compat import CompatError, UnsupportedMegatronError
+    from ..config import ConfigFileError
+    from ..runtime.checkpointing import CheckpointLoadError
+    from ..training.nonfinite import NonFiniteError
+    from ..training.run_config import ConfigChangeError
+    from ..training.run_lock import RunLockError
+    from ..validation import ConfigError
+
+    return (CompatError, UnsupportedMegatronError, CheckpointLoadError, NonFiniteError, ConfigChangeError, RunLockError,
+            ConfigError, ConfigFileError)  # fmt: skip
+
+
+def exit_with(err: BaseException, status: int = 1) -> None:
+    """Print ``err``'s message (on global rank 0 only: every rank has the same) and exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..training.run_lock import die_with_launcher
+
+    die_with_launcher()  # under torchrun: a rank never outlives its launcher (training/run_lock.py)
+    errors = user_errors()
+    from ..config import parse_config
+
+    try:
+        cfg = parse_config(argv)
+        if cfg.plan.dry_run:  # the layout checked and the memory plan printed, nothing built
+            from ..planning.dry_run import dry_run_report
+
+            print(dry_run_report(cfg), flush=True)
+            return
+        from ..runtime.builders import resolve_architecture
+        from ..validation import validate_or_raise
+
+        resolve_architecture(cfg)  # reads only the checkpoint's sampo_model.json
+        validate_or_raise(cfg)  # before megatron-core is imported (the trainer checks again)
+        from ..training.trainer import run
+
+        run(cfg)
+    except errors as err:
+        exit_with(err)
