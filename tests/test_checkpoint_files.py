@@ -56,6 +56,16 @@ def test_empty_common_pt_is_named(tmp_path):
     assert "common.pt: 0 bytes, the manifest says 512" in verify_checkpoint(str(ckpt))[0]
 
 
+def test_a_file_the_save_did_not_write_is_named(tmp_path):
+    """megatron-core 0.19 writes no common.pt but reads one when it is there: a stray (e.g. empty)
+    file changes what loads, so a file absent from the manifest is damage."""
+    ckpt = fake_checkpoint(tmp_path, 3)
+    (ckpt / "common.pt").unlink()
+    write_manifest(str(ckpt), digest_files(str(ckpt), list_files(str(ckpt))))
+    (ckpt / "common.pt").write_bytes(b"")
+    assert verify_checkpoint(str(ckpt)) == [f"{ckpt / 'common.pt'}: not part of the checkpoint (absent from its manifest)"]
+
+
 def test_damaged_latest_falls_back_to_the_newest_sound_one(tmp_path, capsys):
     fake_checkpoint(tmp_path, 3)
     fake_checkpoint(tmp_path, 6)
@@ -85,6 +95,7 @@ def test_metadata_pickle_outside_the_allow_list_is_refused(tmp_path):
     ckpt = fake_checkpoint(tmp_path, 3)
     proof = tmp_path / "PROOF"
     (ckpt / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(proof)))
+    write_manifest(str(ckpt), digest_files(str(ckpt), list_files(str(ckpt))))  # a consistent manifest: not "damage"
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: the pickle names posix.system"):
         check_torch_dist_pickles(str(ckpt))
     assert not proof.exists()

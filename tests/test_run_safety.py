@@ -116,9 +116,9 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
     assert_same_steps(metrics[-3:], straight[3:], rel=1e-6, keys=COMPARED + ("lr",))
 
-    (tmp_path / "run" / "ckpt" / "iter_0000006" / "common.pt").write_bytes(b"")
+    (tmp_path / "run" / "ckpt" / "iter_0000006" / ".metadata").write_bytes(b"")
     _, proc = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--no-checkpoint-fallback", check=False)
-    assert proc.returncode != 0 and "iter_0000006/common.pt: 0 bytes" in proc.stderr
+    assert proc.returncode != 0 and "iter_0000006/.metadata: 0 bytes" in proc.stderr
 
 
 def _pids_running(needle: str) -> list[int]:

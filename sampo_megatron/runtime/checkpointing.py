@@ -108,7 +108,8 @@ def _write_manifest(ckpt: str) -> None:
 
 def verify_checkpoint(ckpt: str, trust: bool = False) -> list[str]:
     """Problems of ``ckpt`` (collective: every rank checks a share of the files): files that do not
-    match its manifest, or pickles outside the allow-list (unless ``trust``). Empty when it is sound.
+    match its manifest or that it does not list, or pickles outside the allow-list (unless
+    ``trust``). Empty when it is sound.
 
     A checkpoint without a manifest (converted, or saved by an older version) is reported as
     unverified by the caller, not as damaged.
@@ -118,6 +119,11 @@ def verify_checkpoint(ckpt: str, trust: bool = False) -> list[str]:
         manifest = read_manifest(ckpt)
         if manifest is not None:
             problems += verify_files(ckpt, manifest, _shares(sorted(manifest)))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                # A file the save did not write can change what loads (megatron-core 0.19 writes no
+                # common.pt, but reads one if it is there).
+                problems += [f"{os.path.join(ckpt, name)}: not part of the checkpoint (absent from its manifest)"
+                             for name in list_files(ckpt) if name not in manifest]  # fmt: skip
     except CheckpointDamagedError as err:
         problems.append(str(err))
     problems = sorted({p for part in _gather(problems) for p in part})
