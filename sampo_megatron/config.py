@@ -294,7 +294,9 @@ class RunConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTION_TYPES}
 
 
-_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING}
+_SECTION_TYPES = {
+    f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING
+}
 # LossConfig's seed is the run's --seed.
 _SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
 
@@ -378,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ConfigFileError(ValueError):
-    """A ``--config`` file that cannot be read, or a key with a wrong name, type or value."""
+    """A ``--config`` file that cannot be read, a key with a wrong name, type or value, or a value
+    (from the file or a flag) that its section rejects."""
 
 
 def _load_yaml(path: str) -> tuple[dict, dict[str, int]]:
@@ -458,4 +461,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     for (section, name), (src_section, src_name) in _SHARED_FIELDS.items():
         if src_name in sections[src_section]:
             sections[section][name] = sections[src_section][src_name]
-    return RunConfig(**{section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()}, explicit_flags=frozenset(values))
+    try:  # a section's own checks (LossConfig's ranges and combinations)
+        built = {section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()}
+    except ValueError as err:
+        raise ConfigFileError(f"invalid configuration: {err}") from None
+    return RunConfig(**built, explicit_flags=frozenset(values))

@@ -154,7 +154,9 @@ def _record(**changes) -> dict:
 
 def test_config_changes_are_sorted():
     saved = _record()
-    changes = compare(saved, _record(loss__beta=0.5, training__lr=1e-5, logging__log_interval=5, parallel__tensor_model_parallel_size=2))
+    changes = compare(
+        saved, _record(loss__beta=0.5, training__lr=1e-5, logging__log_interval=5, parallel__tensor_model_parallel_size=2)
+    )
     assert changes.objective == [("loss.beta", 0.1, 0.5)]
     assert changes.schedule == [("training.lr", 1e-6, 1e-5)]
     assert sorted(c[0] for c in changes.applied) == ["logging.log_interval", "parallel.tensor_model_parallel_size"]
@@ -163,6 +165,15 @@ def test_config_changes_are_sorted():
     other = _record()
     other["derived"]["data_fingerprint"] = "def"
     assert compare(saved, other).data == [("derived.data_fingerprint", "abc", "def")]
+
+
+def test_a_field_added_since_the_checkpoint_counts_only_when_set():
+    """A checkpoint written before a flag existed (e.g. --orpo-lambda) resumes while the flag keeps
+    its default; setting it is a change like any other."""
+    saved = _record()
+    del saved["config"]["loss"]["orpo_lambda"]
+    assert compare(saved, _record()).objective == []
+    assert compare(saved, _record(loss__orpo_lambda=0.5)).objective == [("loss.orpo_lambda", "<absent>", 0.5)]
 
 
 def test_check_resume_names_each_refused_change_and_lists_the_rest():

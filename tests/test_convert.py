@@ -40,6 +40,7 @@ SEQ = 32  # long enough that Llama 3.1 RoPE scaling changes the logits (see test
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 TOLERANCE = 1e-4
 
+
 def safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory, read with the safetensors library."""
     from safetensors.torch import load_file

@@ -71,9 +71,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("tp2pp2", 4, ("--tp", "2", "--pp", "2")),  # 4 processes on 2 cores: oversubscribed
     ],
 )
-def test_model_parallel_matches_reference(
-    reference: dict, tmp_path: Path, name: str, nproc: int, args: tuple[str, ...]
-) -> None:
+def test_model_parallel_matches_reference(reference: dict, tmp_path: Path, name: str, nproc: int, args: tuple[str, ...]) -> None:
     """TP / PP / TPxPP give the reference's losses, full gradients and updated weights."""
     result = run_worker(tmp_path, name, nproc, *args)
     assert_matches(result, reference, ("grads", "weights"))

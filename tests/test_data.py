@@ -64,8 +64,12 @@ def test_sentencepiece_round_trip(tmp_path):
 
     lines = [r[k] for r in map(json.loads, PAIRS_JSONL.read_text().splitlines()) for k in ("prompt", "chosen")]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=128,
-        model_type="bpe", num_threads=1, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=128,
+        model_type="bpe",
+        num_threads=1,
+        minloglevel=2,
     )
     tok = load_tokenizer(str(tmp_path / "sp.model"))  # auto: *.model -> sentencepiece
     assert isinstance(tok, SentencePieceTokenizer)
@@ -116,8 +120,13 @@ def test_shipped_assets_regenerate_identically(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     module.main(["--out-dir", str(tmp_path)])
     shipped = ROOT / "examples" / "data"
-    for rel in ("tiny_pairs.jsonl", "length_bias_pairs.jsonl", "tiny_tokenizer/tokenizer.json",
-                "tiny_tokenizer/tokenizer_config.json", "tiny_tokenizer/special_tokens_map.json"):
+    for rel in (
+        "tiny_pairs.jsonl",
+        "length_bias_pairs.jsonl",
+        "tiny_tokenizer/tokenizer.json",
+        "tiny_tokenizer/tokenizer_config.json",
+        "tiny_tokenizer/special_tokens_map.json",
+    ):
         assert (tmp_path / rel).read_bytes() == (shipped / rel).read_bytes(), rel
 
 
@@ -156,8 +165,9 @@ def test_prompt_truncated_from_left_keeps_end(hf_tok, tmp_path):
 
 def test_response_truncated_from_right(hf_tok, tmp_path):
     long = "The capital of France is Paris. Many visitors travel to Paris every year."
-    path = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Question: What is the capital of France?",
-                                                 "chosen": long, "rejected": "Rome"}])
+    path = _write_jsonl(
+        tmp_path / "r.jsonl", [{"prompt": "Question: What is the capital of France?", "chosen": long, "rejected": "Rome"}]
+    )
     (pair,) = read_pairs_jsonl(str(path), hf_tok, seq_length=6)
     assert pair.prompt_ids == [hf_tok.bos_id]  # the prompt shrinks to one token first
     assert pair.chosen_ids == hf_tok.encode(long)[:5]  # then the response keeps its start, no EOS

@@ -20,6 +20,7 @@ GOOD = [
 ]
 LONG = " ".join(["A cat has four legs."] * 6)  # 36 tokens: more than fits next to any prompt at seq 16
 
+
 def _last_word() -> str:
     """The word with the tiny tokenizer's highest id (a model one id smaller cannot embed it)."""
     vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"]

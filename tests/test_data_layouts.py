@@ -159,9 +159,9 @@ def _readers_fixture(tmp_path: Path, records: list) -> dict[str, Path]:
     paths["datasets"] = tmp_path / "ds"
     datasets.Dataset.from_list(records).save_to_disk(str(paths["datasets"]))
     paths["datasets_dict"] = tmp_path / "dsd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:3]), "test": datasets.Dataset.from_list(records)}).save_to_disk(
-        str(paths["datasets_dict"])
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(records[:3]), "test": datasets.Dataset.from_list(records)}
+    ).save_to_disk(str(paths["datasets_dict"]))
     return paths
 
 

@@ -65,7 +65,9 @@ def test_skip_trains_on_the_rest_and_indexed_data_gives_the_same_run(tmp_path, b
         assert f"  {reason}: 1 (" in out, reason
     # The same file preprocessed (skipping what is bad regardless of length): the very same run.
     prefix = tmp_path / "indexed" / "pairs"
-    summary = preprocess(PreprocessConfig(str(path), str(prefix), str(DATA / "tiny_tokenizer"), on_bad_record="skip", progress=False))
+    summary = preprocess(
+        PreprocessConfig(str(path), str(prefix), str(DATA / "tiny_tokenizer"), on_bad_record="skip", progress=False)
+    )
     assert summary["pairs"] == 17  # the over-long pair is only bad at --seq-length 96 --min-response-tokens 96
     indexed_steps, out = train(tmp_path, "indexed", prefix, "--on-bad-record", "skip")
     assert "indexed dataset" in out and "16 pairs kept, 1 bad records skipped" in out
@@ -81,7 +83,9 @@ def test_error_stops_naming_file_line_field(tmp_path, bad_file):
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
-    steps, proc = train(tmp_path, "vocab", DATA / "tiny_pairs.jsonl", "--vocab-size", "64", "--on-bad-record", "skip", check=False)
+    steps, proc = train(
+        tmp_path, "vocab", DATA / "tiny_pairs.jsonl", "--vocab-size", "64", "--on-bad-record", "skip", check=False
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and not steps
     assert "--tokenizer-model examples/data/tiny_tokenizer: the tokenizer has" in output and "only 64" in output

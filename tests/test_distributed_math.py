@@ -78,13 +78,18 @@ def _single_process(debias):
     x = policy.double().requires_grad_(True)
     pol = logprobs_reference(x, target).t()
     refl = logprobs_reference(ref, target).t()
-    cfg = LossConfig(length_debias=debias, sampo_mask="independent" if debias == "sampo" else "shared", seed=3)
+    cfg = LossConfig(
+        length_debias=debias,
+        sampo_mask="independent" if debias == "sampo" else "shared",
+        seed=3,
+        ld_alpha=0.3 if debias == "ld_dpo" else None,
+    )
     out = preference_loss(PreferenceInputs(pol, mask, torch.arange(W.B), refl), cfg, epoch=2)
     out.losses.sum().backward()
     return out, x.grad
 
 
-@pytest.mark.parametrize("debias", ["sampo", "sampo_topk", "sanorm"])
+@pytest.mark.parametrize("debias", ["sampo", "sampo_topk", "sanorm", "ld_dpo"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_loss_metrics_and_grads_equal_single_process(grids, layout, debias):
     expected, expected_grad = _single_process(debias)

@@ -33,7 +33,13 @@ def test_first_host_of_slurm_node_lists():
 
 
 def test_slurm_variables_map_to_torch_rendezvous():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "h100-[03-04]", "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "h100-[03-04]",
+        "SLURM_JOB_ID": "123456",
+    }
     assert launcher(env) == "slurm"
     assert slurm_env(env) == {
         "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "h100-03", "MASTER_PORT": str(20000 + 123456 % 20000),
@@ -47,7 +53,11 @@ def test_slurm_variables_map_to_torch_rendezvous():
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in torchrun_env().items() if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC"))}
+    env = {
+        k: v
+        for k, v in torchrun_env().items()
+        if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC"))
+    }
     env.update(extra)
     return env
 
@@ -56,7 +66,11 @@ def run_all(commands_envs, timeout=300) -> list[str]:
     """Start every (command, env) at once (ranks of one job), wait for all; their outputs."""
     procs = []
     for cmd, env in commands_envs:
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -99,7 +113,19 @@ def test_srun_and_mpirun_train_like_torchrun(tmp_path):
     assert mpirun, "Open MPI is missing: .ci/run installs it (apt-get install openmpi-bin libopenmpi-dev)"
     # Open MPI refuses root unless told; --oversubscribe: 2 ranks may exceed the slots it detects.
     env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpirun, "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, str(LAUNCH), *flags("mpi")]
+    cmd = [
+        mpirun,
+        "--oversubscribe",
+        "-np",
+        "2",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        "PYTHONPATH",
+        sys.executable,
+        str(LAUNCH),
+        *flags("mpi"),
+    ]
     run_all([(cmd, env)])
     assert losses(tmp_path / "mpi" / "metrics.jsonl") == pytest.approx(expected, rel=1e-6)
 
@@ -109,7 +135,9 @@ def test_generate_under_srun_and_mpirun_like_torchrun(tmp_path):
     srun-style and mpirun launches write the same JSONL as torchrun."""
     run_torchrun(LAUNCH, 2, *FLAGS, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("What is the opposite of fast?", "Hello", "Name a day.")))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ("What is the opposite of fast?", "Hello", "Name a day."))
+    )
     generate = REPO_ROOT / "tools" / "generate.py"
 
     def args(name):

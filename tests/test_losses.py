@@ -43,9 +43,15 @@ def _sequence_values(mask, index, policy, ref, kl, debias, cfg):
         positions = [t for t in range(mask.shape[1]) if mask[r, t]]
         T = len(positions)
         partner_T = int(mask[(r + B) % (2 * B)].sum())
+        weight = [1.0] * T  # per response position, policy and reference alike
         if debias == "none":
             kept_p = kept_r = positions
             count = T
+        elif debias == "ld_dpo":  # the public prefix min(T_w, T_l) at 1, the rest at alpha
+            kept_p = kept_r = positions
+            prefix = min(T, partner_T)
+            weight = [1.0 if k < prefix else cfg.ld_alpha for k in range(T)]
+            count = prefix + cfg.ld_alpha * (T - prefix)
         elif debias == "sanorm":
             kept_p = kept_r = positions
             count = (T + partner_T) / 2
@@ -54,9 +60,10 @@ def _sequence_values(mask, index, policy, ref, kl, debias, cfg):
             kept_r = [t for t in positions if weights.reference[r, t] > 0]
             count = min(T, partner_T)
         scale = (T + partner_T) / 2 / T if debias == "sanorm" else 1.0
-        pi = scale * sum(float(policy.detach()[r, t]) for t in kept_p)
-        rf = scale * sum(float(ref[r, t]) for t in kept_r)
-        d = scale * sum(float(kl[r, t]) for t in kept_p)
+        w = dict(zip(positions, weight))
+        pi = scale * sum(w[t] * float(policy.detach()[r, t]) for t in kept_p)
+        rf = scale * sum(w[t] * float(ref[r, t]) for t in kept_r)
+        d = scale * sum(w[t] * float(kl[r, t]) for t in kept_p)
         rows.append(dict(pi=pi, ref=rf, count=count, T=T, kl=d, full_pi=sum(float(policy.detach()[r, t]) for t in positions)))
     return rows[:B], rows[B:]
 
@@ -90,6 +97,12 @@ def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):  # noqa: E741 (w, 
         return -logsig(b * u - cfg.rdpo_alpha * (w["T"] - l["T"]))
     if loss_type == "simpo":
         return -logsig(b * (w["pi"] / w["count"] - l["pi"] / l["count"]) - cfg.simpo_gamma)
+    if loss_type == "sigmoid_norm":
+        return -logsig(b * (rw / w["count"] - rl / l["count"]))
+    if loss_type == "orpo":
+        mw, ml = w["pi"] / w["count"], l["pi"] / l["count"]
+        log_odds_w, log_odds_l = mw - math.log(1 - math.exp(mw)), ml - math.log(1 - math.exp(ml))
+        return -mw - cfg.orpo_lambda * logsig(log_odds_w - log_odds_l)
     if loss_type == "sft":
         return -w["pi"] / w["count"]
     if loss_type == "tdpo1":
@@ -102,8 +115,10 @@ def _expected(loss_type, w, l, cfg, batch_w, batch_l, delta):  # noqa: E741 (w, 
 def _expected_rewards(loss_type, x, cfg):
     if loss_type == "simpo":
         return cfg.beta * x["pi"] / x["count"]
-    if loss_type == "sft":
+    if loss_type in ("sft", "orpo"):
         return x["pi"] / x["count"]
+    if loss_type == "sigmoid_norm":
+        return cfg.beta * (x["pi"] - x["ref"]) / x["count"]
     if loss_type.startswith("tdpo"):
         return cfg.beta * (x["pi"] - x["ref"] + x["kl"])
     return cfg.beta * (x["pi"] - x["ref"])
@@ -115,17 +130,18 @@ ALL_LOSSES = LOSSES.names()
 def test_every_registered_loss_is_covered():
     assert set(ALL_LOSSES) == {
         "sigmoid", "robust", "ipo", "hinge", "dpop", "bco_pair", "nca_pair", "sppo_hard",
-        "kto_pair", "rdpo", "simpo", "sft", "tdpo1", "tdpo2",
+        "kto_pair", "rdpo", "simpo", "sigmoid_norm", "orpo", "sft", "tdpo1", "tdpo2",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("debias", ["none", "sampo", "sampo_topk", "sanorm"])
+@pytest.mark.parametrize("debias", ["none", "sampo", "sampo_topk", "sanorm", "ld_dpo"])
 @pytest.mark.parametrize("loss_type", ALL_LOSSES)
 def test_loss_equals_written_out_equation(loss_type, debias):
     mask, index, policy, ref, kl = _batch()
     cfg = LossConfig(
         loss_type=loss_type, length_debias=debias, beta=0.3, label_smoothing=0.1 if loss_type == "robust" else 0.0,
-        dpop_lambda=2.0, rdpo_alpha=0.05, simpo_gamma=0.4, tdpo_alpha=0.5, seed=5,
+        dpop_lambda=2.0, rdpo_alpha=0.05, simpo_gamma=0.4, tdpo_alpha=0.5, orpo_lambda=0.7, seed=5,
+        ld_alpha=0.35 if debias == "ld_dpo" else None,
     )  # fmt: skip
     spec = LOSSES[loss_type]
     running = RunningMean()
@@ -150,8 +166,12 @@ def test_loss_equals_written_out_equation(loss_type, debias):
     for i in range(B):
         expected = _expected(loss_type, chosen[i], rejected[i], cfg, chosen, rejected, delta)
         assert out.losses[i].item() == pytest.approx(expected, rel=1e-12, abs=1e-12), (i, expected)
-        assert out.metrics["rewards/chosen"][i].item() == pytest.approx(_expected_rewards(loss_type, chosen[i], cfg), rel=1e-12, abs=1e-12)
-        assert out.metrics["rewards/rejected"][i].item() == pytest.approx(_expected_rewards(loss_type, rejected[i], cfg), rel=1e-12, abs=1e-12)
+        assert out.metrics["rewards/chosen"][i].item() == pytest.approx(
+            _expected_rewards(loss_type, chosen[i], cfg), rel=1e-12, abs=1e-12
+        )
+        assert out.metrics["rewards/rejected"][i].item() == pytest.approx(
+            _expected_rewards(loss_type, rejected[i], cfg), rel=1e-12, abs=1e-12
+        )
         assert out.metrics["logps_full/chosen"][i].item() == pytest.approx(chosen[i]["full_pi"], rel=1e-12)
         assert out.metrics["lengths/kept"][i].item() == min(CHOSEN[i], REJECTED[i])
     margins = out.metrics["rewards/chosen"] - out.metrics["rewards/rejected"]
@@ -162,7 +182,9 @@ def test_loss_equals_written_out_equation(loss_type, debias):
 def test_hybrid_sft_term_adds_chosen_mean_nll():
     mask, index, policy, ref, kl = _batch(seed=3)
     base = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(length_debias="sampo"))
-    mixed = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(length_debias="sampo", sft_weight=0.7))
+    mixed = preference_loss(
+        PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(length_debias="sampo", sft_weight=0.7)
+    )
     for i in range(B):
         nll = -sum(float(policy.detach()[i, t]) for t in range(mask.shape[1]) if mask[i, t]) / CHOSEN[i]
         assert (mixed.losses[i] - base.losses[i]).item() == pytest.approx(0.7 * nll, rel=1e-12)
@@ -208,3 +230,48 @@ def test_clear_errors():
         preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(loss_type="tdpo2"))
     with pytest.raises(ValueError, match="beta"):
         LossConfig(beta=0)
+
+
+def test_ld_dpo_weights_the_public_prefix_fully_and_the_excess_by_alpha():
+    # pair 0: T_w 3 < T_l 5; pair 1: T_w 4 > T_l 2; pair 2: a tie (everything is the public prefix)
+    inputs = debias_inputs([3, 4, 2], [5, 2, 2], [0, 1, 2])
+    inputs.ld_alpha = 0.25
+    weights = DEBIAS["ld_dpo"](inputs)
+    expected = {0: [1, 1, 1], 1: [1, 1, 0.25, 0.25], 2: [1, 1], 3: [1, 1, 1, 0.25, 0.25], 4: [1, 1], 5: [1, 1]}
+    for row, values in expected.items():
+        assert weights.policy[row][inputs.response_mask[row]].tolist() == values, row
+    assert torch.equal(weights.policy, weights.reference)
+    assert weights.count.tolist() == [3, 2 + 2 * 0.25, 2, 3 + 2 * 0.25, 2, 2]
+
+
+def test_ld_dpo_at_alpha_one_is_dpo_and_at_zero_keeps_only_the_prefix():
+    mask, index, policy, ref, kl = _batch(seed=6)
+    dpo = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig())
+    one = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(length_debias="ld_dpo", ld_alpha=1.0))
+    assert torch.equal(one.losses, dpo.losses)
+    zero = preference_loss(PreferenceInputs(policy, mask, torch.arange(B), ref), LossConfig(length_debias="ld_dpo", ld_alpha=0.0))
+    prefix = mask & (index < torch.tensor([min(c, r) for c, r in zip(CHOSEN + REJECTED, REJECTED + CHOSEN)])[:, None])
+    logratio = ((policy.detach() - ref) * prefix).sum(1)
+    expected = -torch.nn.functional.logsigmoid(0.1 * (logratio[:B] - logratio[B:]))
+    assert torch.allclose(zero.losses, expected, rtol=1e-12, atol=0)
+
+
+def test_orpo_equals_trl_form_and_reads_no_reference():
+    """TRL's ORPO: ``nll - lambda * logsigmoid(log_odds)``, log-odds from mean log-probs, no reference."""
+    mask, index, policy, ref, kl = _batch(seed=7)
+    out = preference_loss(PreferenceInputs(policy, mask, torch.arange(B)), LossConfig(loss_type="orpo", orpo_lambda=0.2))
+    mean = (policy.detach() * mask).sum(1) / mask.sum(1)
+    mw, ml = mean[:B], mean[B:]
+    log_odds = (mw - ml) - (torch.log1p(-torch.exp(mw)) - torch.log1p(-torch.exp(ml)))
+    assert torch.allclose(out.losses, -mw - 0.2 * torch.nn.functional.logsigmoid(log_odds), rtol=1e-12, atol=0)
+
+
+def test_length_debias_combination_errors():
+    with pytest.raises(ValueError, match="ld_dpo needs --ld-alpha"):
+        LossConfig(length_debias="ld_dpo")
+    with pytest.raises(ValueError, match="does not combine with --length-debias sampo"):
+        LossConfig(length_debias="sampo", ld_alpha=0.5)
+    with pytest.raises(ValueError, match=r"ld_alpha must be in \[0, 1\]"):
+        LossConfig(length_debias="ld_dpo", ld_alpha=1.5)
+    with pytest.raises(ValueError, match="orpo_lambda"):
+        LossConfig(loss_type="orpo", orpo_lambda=-1)

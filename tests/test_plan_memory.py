@@ -49,7 +49,17 @@ def test_predicted_peak_within_15_percent_of_measured(tmp_path):
         "cache_selective_recompute": ["--ref-mode", "cache", "--ref-cache-dir", str(tmp_path / "cache2"), "--recompute-granularity", "selective"],
     }  # fmt: skip
     out = tmp_path / "memory.json"
-    run_torchrun("memory_worker.py", 1, "--out", str(out), "--layouts", json.dumps(layouts), *TINY, "--data-path", str(long_pairs(tmp_path)))
+    run_torchrun(
+        "memory_worker.py",
+        1,
+        "--out",
+        str(out),
+        "--layouts",
+        json.dumps(layouts),
+        *TINY,
+        "--data-path",
+        str(long_pairs(tmp_path)),
+    )
     results = json.loads(out.read_text())[0]
     for name, r in results.items():
         ratio = r["predicted"] / r["measured"]
@@ -110,7 +120,9 @@ def test_memory_parts_scale_with_the_layout():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.multiprocess
@@ -120,7 +132,9 @@ def test_plan_memory_tool_and_dry_run_of_the_72b_recipe():
                    "--fp8-format", "hybrid", "--sequence-parallel", "--use-distributed-optimizer", "--gpu-memory-gib", "80")  # fmt: skip
     assert tool.returncode == 0, tool.stderr
     assert "fits a 80 GiB GPU" in tool.stdout and "activations" in tool.stdout
-    search = run_cli("tools/plan_memory.py", "--model", "llama3-8b", "--search", "--world-size", "8", "--seq-length", "8192", "--bf16")
+    search = run_cli(
+        "tools/plan_memory.py", "--model", "llama3-8b", "--search", "--world-size", "8", "--seq-length", "8192", "--bf16"
+    )
     assert search.returncode == 0, search.stderr
     assert "TP" in search.stdout
 

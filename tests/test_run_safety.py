@@ -166,7 +166,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
 
     resumed, out = train(tmp_path, "killed", 2, *flags)
     assert "took over the lock of a run that is gone" in out and f"at iteration {at}" in out
-    assert_same_steps(resumed[-(60 - at):], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
+    assert_same_steps(resumed[-(60 - at) :], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
 
 
 def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):

@@ -78,7 +78,10 @@ def test_loss_types_the_trainer_cannot_run_are_not_offered():
     "text, message",
     [
         ("train-iters: true\n", "train_iters must be int, got True (line 1)"),
-        ("seq-length: 64\nlr: 1e-6\n", "lr must be float; YAML reads '1e-6' as a string: write it with a dot, e.g. 1.0e-6 (line 2)"),
+        (
+            "seq-length: 64\nlr: 1e-6\n",
+            "lr must be float; YAML reads '1e-6' as a string: write it with a dot, e.g. 1.0e-6 (line 2)",
+        ),
         ("lr: [0.1\n", "not valid YAML"),
         ("micro-batch-size: 2\n  global-batch-size: 4\n", "not valid YAML"),
     ],
@@ -112,6 +115,34 @@ def test_a_bad_flag_answers_before_megatron_is_imported():
         f"try:\n    main({[*TINY, '--micro-batch-size', '0']!r})\nexcept SystemExit as e:\n    assert e.code == 1\n"
         "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: invalid configuration:\n  - --micro-batch-size must be >= 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beta", "0"], "beta must be > 0, got 0.0"),
+        (["--length-debias", "ld_dpo"], "--length-debias ld_dpo needs --ld-alpha"),
+        (
+            ["--length-debias", "sampo", "--ld-alpha", "0.5"],
+            "--ld-alpha is the weight of the ld_dpo transform; it does not combine with --length-debias sampo",
+        ),  # fmt: skip
+        (["--length-debias", "ld_dpo", "--ld-alpha", "2"], "ld_alpha must be in [0, 1], got 2.0"),
+    ],
+)
+def test_loss_settings_that_cannot_run_are_named(flags, message):
+    with pytest.raises(ConfigFileError) as err:
+        parse_config([*TINY, *flags])
+    assert str(err.value).startswith("invalid configuration: ") and message in str(err.value)
+
+
+def test_a_bad_loss_setting_is_one_line_without_a_traceback():
+    proc = subprocess.run([sys.executable, str(LAUNCH), *TINY, "--length-debias", "ld_dpo", "--dry-run"], cwd=REPO_ROOT,
+                          env=torchrun_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: invalid configuration: --length-debias ld_dpo needs --ld-alpha "
+                                                "(the weight in [0, 1] of the tokens past the public prefix)"]  # fmt: skip

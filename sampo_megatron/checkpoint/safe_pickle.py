@@ -70,7 +70,9 @@ def _load_metadata(path: str):
         except UnsafeCheckpointError:
             raise
         except Exception as err:  # a damaged pickle raises many types
-            raise UnsafeCheckpointError(f"{path}: not a readable torch_dist metadata pickle ({type(err).__name__}: {err})") from None
+            raise UnsafeCheckpointError(
+                f"{path}: not a readable torch_dist metadata pickle ({type(err).__name__}: {err})"
+            ) from None
 
 
 def check_torch_dist_pickles(ckpt_dir: str) -> None:
@@ -94,7 +96,9 @@ def check_torch_dist_pickles(ckpt_dir: str) -> None:
             continue
         where = f"{os.path.join(ckpt_dir, info.relative_path)} (item {index.fqn})"
         if getattr(info, "transform_descriptors", None):
-            raise UnsafeCheckpointError(f"{where}: transformed (e.g. compressed) items cannot be checked; pass --trust-checkpoint")
+            raise UnsafeCheckpointError(
+                f"{where}: transformed (e.g. compressed) items cannot be checked; pass --trust-checkpoint"
+            )
         with open(os.path.join(ckpt_dir, info.relative_path), "rb") as f:
             f.seek(info.offset)
             blob = f.read(info.length)

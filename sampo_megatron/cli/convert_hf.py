@@ -16,14 +16,21 @@ from sampo_megatron.convert.cli import DTYPES, run_conversion, torch_dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, weights, tokenizer)")
     parser.add_argument("--save", required=True, help="output checkpoint directory")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size to check against the model; sets the vocabulary padding")
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size to check against the number of layers")
-    parser.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="VPP layers per virtual stage to check")
+    parser.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP size to check against the model; sets the vocabulary padding",
+    )
+    parser.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="PP size to check against the number of layers"
+    )
+    parser.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="VPP layers per virtual stage to check"
+    )
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding unit per TP rank")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="stored dtype (auto: as in the source)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint at --save")

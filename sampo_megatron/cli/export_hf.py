@@ -24,19 +24,22 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--load", required=True, help="checkpoint directory, or a run's --save directory")
     parser.add_argument("--hf-out", required=True, help="output Hugging Face model directory")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="exported dtype (auto: the source model's, else the checkpoint's)")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="auto", help="exported dtype (auto: the source model's, else the checkpoint's)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one the checkpoint names)")
     parser.add_argument("--architecture", default=None, help="Hugging Face class (default: the source model's, else inferred)")
     parser.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--max-position-embeddings", type=int, default=4096, help="for a model without a source config")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --hf-out")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="skip the allow-list check of the checkpoint's pickles (only for checkpoints you trust)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="skip the allow-list check of the checkpoint's pickles (only for checkpoints you trust)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> None:
 
     rank0 = dist.get_rank() == 0
     if rank0:
-        print(f"generating for {len(prompts)} prompts (max {gen.max_new_tokens} new tokens, "
-              f"{'greedy' if gen.temperature == 0 else f'temperature {gen.temperature}, top-p {gen.top_p}'}) ...", flush=True)
+        print(
+            f"generating for {len(prompts)} prompts (max {gen.max_new_tokens} new tokens, "
+            f"{'greedy' if gen.temperature == 0 else f'temperature {gen.temperature}, top-p {gen.top_p}'}) ...",
+            flush=True,
+        )
     start = time.perf_counter()
     results = generate_sharded(
         chunks, encode_prompts(prompts, tokenizer, cfg.data.prompt_template), gen, eos_id=tokenizer.eos_id,
@@ -69,9 +72,15 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             for prompt, g in zip(prompts, results):
-                record = {"prompt": prompt, "response": tokenizer.decode(g.response_ids), "num_tokens": g.num_tokens,
-                          "stopped_at_eos": g.stopped_at_eos}
+                record = {
+                    "prompt": prompt,
+                    "response": tokenizer.decode(g.response_ids),
+                    "num_tokens": g.num_tokens,
+                    "stopped_at_eos": g.stopped_at_eos,
+                }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         tokens = sum(g.num_tokens for g in results)
-        print(f"wrote {len(results)} responses ({tokens} tokens, {time.perf_counter() - start:.1f} s) to {args.output}", flush=True)
+        print(
+            f"wrote {len(results)} responses ({tokens} tokens, {time.perf_counter() - start:.1f} s) to {args.output}", flush=True
+        )
     close_distributed()

@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="16-bit weights (else fp32)")
     p.add_argument("--ref-mode", choices=["replica", "cache"], default="replica")
-    p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
-                   help="attention: fused/flash (transformer_engine) or unfused (local, keeps the softmax)")
+    p.add_argument(
+        "--transformer-impl",
+        choices=["transformer_engine", "local"],
+        default="transformer_engine",
+        help="attention: fused/flash (transformer_engine) or unfused (local, keeps the softmax)",
+    )
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     p.add_argument("--search", action="store_true", help="list the layouts of --world-size GPUs that fit")
     return p
@@ -79,7 +83,9 @@ def main(argv=None) -> int:
     if args.search:
         plans = search_layouts(shape, layout, world, min(args.gpus_per_node, world), args.gpu_memory_gib)
         if not plans:
-            print(f"no layout of {world} GPUs fits {args.gpu_memory_gib:g} GiB (try --ref-mode cache, FP8, a shorter --seq-length)")
+            print(
+                f"no layout of {world} GPUs fits {args.gpu_memory_gib:g} GiB (try --ref-mode cache, FP8, a shorter --seq-length)"
+            )
             return 1
         print(f"layouts of {world} GPUs that fit {args.gpu_memory_gib:g} GiB (least model parallelism first):")
         for plan in plans:

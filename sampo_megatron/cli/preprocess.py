@@ -31,18 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, help="output path prefix (directories are created)")
     p.add_argument("--tokenizer-model", required=True, help="Hugging Face tokenizer directory or sentencepiece .model")
     p.add_argument("--tokenizer-type", default="auto", choices=TOKENIZER_TYPES)
-    p.add_argument("--data-format", default="auto", choices=DATA_FORMATS, help="record layout; auto detects it from the first record")
+    p.add_argument(
+        "--data-format", default="auto", choices=DATA_FORMATS, help="record layout; auto detects it from the first record"
+    )
     p.add_argument("--data-split", default="train", help="split of a DatasetDict directory")
-    p.add_argument("--prompt-template", default="auto", choices=PROMPT_TEMPLATES,
-                   help="auto: the tokenizer's chat template if it has one, else plain")
+    p.add_argument(
+        "--prompt-template",
+        default="auto",
+        choices=PROMPT_TEMPLATES,
+        help="auto: the tokenizer's chat template if it has one, else plain",
+    )
     p.add_argument("--no-add-bos", dest="add_bos", action="store_false", help="do not put BOS in front of prompts")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="tokenising processes")
     p.add_argument("--on-bad-record", default="error", choices=ON_BAD_RECORD)
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="also drop pairs with no room for a response at this length (else checked when training)")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="also drop pairs with no room for a response at this length (else checked when training)",
+    )
     p.add_argument("--min-response-tokens", type=int, default=1)
-    p.add_argument("--split-by-length", nargs="+", default=(), choices=SPLITS,
-                   help="also write PREFIX_long (chosen longer) and/or PREFIX_short (chosen shorter)")
+    p.add_argument(
+        "--split-by-length",
+        nargs="+",
+        default=(),
+        choices=SPLITS,
+        help="also write PREFIX_long (chosen longer) and/or PREFIX_short (chosen shorter)",
+    )
     p.add_argument("--no-stats", dest="stats", action="store_false", help="skip PREFIX_stats.json / .png")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p

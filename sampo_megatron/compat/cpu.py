@@ -61,6 +61,7 @@ _APPLIED = False
 class CompatError(RuntimeError):
     """A megatron-core site that a workaround patches does not exist in the installed version."""
 
+
 # --------------------------------------------------------------------------------------------
 # 1. The ``torch`` shim.
 # --------------------------------------------------------------------------------------------
@@ -201,8 +202,7 @@ _SHIMMED_MODULES: tuple[ShimmedModule, ...] = (
     ),
     ShimmedModule(
         "megatron.core.tensor_parallel.random",
-        "CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed call torch.cuda.get_rng_state / "
-        "torch.cuda.manual_seed",
+        "CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed call torch.cuda.get_rng_state / torch.cuda.manual_seed",
         ("torch.cuda.get_rng_state()", "torch.cuda.manual_seed("),
         {"0.16": "random.py:235-238,422", "0.19": "random.py:303-306,490"},
     ),
@@ -227,15 +227,13 @@ _SHIMMED_MODULES: tuple[ShimmedModule, ...] = (
     ),
     ShimmedModule(
         "megatron.core.optimizer.optimizer",
-        "MixedPrecisionOptimizer / FP32Optimizer._scale use device='cuda'; ChainedOptimizer.get_loss_scale on "
-        "current_device()",
+        "MixedPrecisionOptimizer / FP32Optimizer._scale use device='cuda'; ChainedOptimizer.get_loss_scale on current_device()",
         ("device='cuda'", _CURRENT_DEVICE),
         {"0.16": "optimizer.py:473,481,485,907,1141", "0.19": "optimizer.py:690,698,702,1249,1492"},
     ),
     ShimmedModule(
         "megatron.core.optimizer.grad_scaler",
-        "loss-scale tensors with device='cuda' (--fp16 dynamic scaler); load_state_dict moves the scale to "
-        "current_device()",
+        "loss-scale tensors with device='cuda' (--fp16 dynamic scaler); load_state_dict moves the scale to current_device()",
         ("device='cuda'", _CURRENT_DEVICE),
         {"0.16": "grad_scaler.py:15,88,91,94,140", "0.19": "grad_scaler.py:20,111,114,117,163"},
     ),
@@ -299,9 +297,7 @@ _LINE_CALLS: dict[str, dict[str, tuple[str, ...]]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _get_cpu_rng_state(
-    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
-) -> torch.Tensor:
+def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     """CPU replacement for ``random.py:42 _get_cuda_rng_state`` (tracker fork, checkpointing).
 
     Args:
@@ -339,9 +335,7 @@ _saved_tensor_attrs: dict[str, Any] = {}
 _MISSING = object()
 
 
-def _type_as_cuda(
-    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
-) -> Any:
+def _type_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
     """``Tensor.type`` that names a CPU tensor by its CUDA type (``torch.cuda.FloatTensor``)."""
     if dtype is not None or kwargs:
         return torch._C.TensorBase.type(self, dtype, non_blocking, **kwargs)

@@ -12,6 +12,8 @@ from .safetensors_io import TensorInfo, read_header, read_tensor
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+
+
 def read_json(path: str, what: str) -> dict:
     """Parse a JSON object file, with errors that name the file."""
     if not os.path.isfile(path):

@@ -98,7 +98,12 @@ def _llama_rules(model: ModelConfig) -> list[Rule]:
     rules += [
         Rule("decoder.layers.self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), ((h, heads * d),)),
         Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",), ((h,),)),
-        Rule("decoder.layers.mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((f, h), (f, h)), "glu"),
+        Rule(
+            "decoder.layers.mlp.linear_fc1.weight",
+            (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            ((f, h), (f, h)),
+            "glu",
+        ),
         Rule("decoder.layers.mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), ((h, f),)),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",), ((h,),)),
     ]

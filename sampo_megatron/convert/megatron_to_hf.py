@@ -196,7 +196,9 @@ def convert_megatron_to_hf(
     shards = plan_shards(entries, max_shard_bytes)
     names = shard_file_names(len(shards))
     progress = Progress("megatron->hf", sum(e.nbytes for e in entries), emit)
-    progress.message(f"{ckpt} -> {family.architecture} in {hf_out} ({len(shards)} file(s), {str(out_dtype).removeprefix('torch.')})")
+    progress.message(
+        f"{ckpt} -> {family.architecture} in {hf_out} ({len(shards)} file(s), {str(out_dtype).removeprefix('torch.')})"
+    )
     produce = _LayerCache(reader, model, out_dtype, sources)
 
     def produce_and_count(entry: TensorEntry):

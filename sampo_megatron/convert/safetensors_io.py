@@ -137,16 +137,18 @@ def _header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes
     for entry in entries:
         if entry.dtype not in _NAMES:
             raise ConversionError(f"cannot write {entry.name}: dtype {entry.dtype} has no safetensors name")
-        header[entry.name] = {"dtype": _NAMES[entry.dtype], "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {
+            "dtype": _NAMES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Data starts 8-byte aligned, as the reference writer does (it pads the header with spaces).
     return raw + b" " * (-len(raw) % 8)
 
 
-def write_safetensors(
-    path: str, entries: list[TensorEntry], produce: Producer, metadata: dict[str, str] | None = None
-) -> None:
+def write_safetensors(path: str, entries: list[TensorEntry], produce: Producer, metadata: dict[str, str] | None = None) -> None:
     """Write ``entries`` to ``path``, asking ``produce`` for each tensor's data in order.
 
     The file is written under a temporary name and renamed when complete.

@@ -71,7 +71,9 @@ class TorchDistReader:
         self.path = ckpt_dir
         self._storage = dcp.FileSystemReader(ckpt_dir)
         self._tensors = {
-            key: md for key, md in self._storage.read_metadata().state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
+            key: md
+            for key, md in self._storage.read_metadata().state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
         }
 
     def __contains__(self, key: str) -> bool:

@@ -133,9 +133,7 @@ def collate_pairs(
             seq = pair.prompt_ids + response
             length = len(seq)
             if length > seq_length:
-                raise ValueError(
-                    f"sample {pair.sample_id}: sequence of {length} tokens exceeds seq_length={seq_length}"
-                )
+                raise ValueError(f"sample {pair.sample_id}: sequence of {length} tokens exceeds seq_length={seq_length}")
             tokens[row, :length] = torch.tensor(seq, dtype=torch.int64)
             labels[row, : length - 1] = tokens[row, 1:length]
             # Position t predicts token t+1; response tokens sit at [len(prompt), length).
@@ -174,8 +172,7 @@ def split_for_rank(pairs: Sequence[T], dp_rank: int, dp_size: int, micro_batch_s
     per_step = micro_batch_size * dp_size
     if len(pairs) % per_step:
         raise ValueError(
-            f"global batch of {len(pairs)} pairs is not divisible by micro_batch_size * dp_size = "
-            f"{micro_batch_size} * {dp_size}"
+            f"global batch of {len(pairs)} pairs is not divisible by micro_batch_size * dp_size = {micro_batch_size} * {dp_size}"
         )
     return [
         list(pairs[start + dp_rank * micro_batch_size : start + (dp_rank + 1) * micro_batch_size])
@@ -234,9 +231,7 @@ class PairBatches:
         order = self._order(epoch)[start : start + self.global_batch_size]
         return epoch, [self.dataset[i] for i in order]
 
-    def micro_batches(
-        self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int
-    ) -> tuple[int, list[MicroBatch]]:
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> tuple[int, list[MicroBatch]]:
         """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :func:`split_for_rank`."""
         epoch, pairs = self.batch_at(step)
         parts = split_for_rank(pairs, dp_rank, dp_size, micro_batch_size)

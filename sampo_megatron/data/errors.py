@@ -107,7 +107,11 @@ class BadRecordLog:
 
     def to_dict(self) -> dict:
         """``{"skipped": N, "by_reason": {...}, "examples": {...}}`` for reports."""
-        return {"skipped": self.total, "by_reason": dict(sorted(self.counts.items())), "examples": dict(sorted(self.first.items()))}
+        return {
+            "skipped": self.total,
+            "by_reason": dict(sorted(self.counts.items())),
+            "examples": dict(sorted(self.first.items())),
+        }
 
     def summary(self, kept: int) -> str:
         """One paragraph for the console: kept pairs and skipped ones by reason, with an example each."""

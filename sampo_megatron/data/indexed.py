@@ -187,7 +187,6 @@ class IndexedPairs(Sequence[PreferencePair]):
                 too_big[i]
                 or room_problem((p, c, r), self.seq_length, prefix, suffix, self.min_response_tokens) is not None
                 or ck == rk  # the responses could be the same tokens once cut
-
             )
             if suspect:
                 try:
@@ -217,4 +216,3 @@ class IndexedPairs(Sequence[PreferencePair]):
             raise IndexError(index)
         index %= len(self)
         return self._finalize(int(self.kept[index]), index)
-

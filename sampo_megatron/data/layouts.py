@@ -76,7 +76,9 @@ def _messages(value: Any, field: str, what: str = "a list of chat messages") -> 
         where = f"{field}[{i}]"
         if not isinstance(m, dict):
             # A list of plain strings is the usual mistake: name the field itself, not element i.
-            raise _bad("wrong_type", f"must be {what} ({{'role', 'content'}} objects), got a list holding {type(m).__name__}", field)
+            raise _bad(
+                "wrong_type", f"must be {what} ({{'role', 'content'}} objects), got a list holding {type(m).__name__}", field
+            )
         role = _string(m, "role", f"{where}.role")
         if role not in ROLES:
             raise _bad("wrong_type", f"must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")

@@ -130,9 +130,15 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "layout": layout,
         "prompt_template": template,
         "add_bos": cfg.add_bos,
-        "tokenizer": {"path": spec.tokenizer_model, "type": cfg.tokenizer_type, "fingerprint": tokenizer.fingerprint(),
-                      "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-                      "pad_id": tokenizer.pad_id},  # fmt: skip
+        "tokenizer": {
+            "path": spec.tokenizer_model,
+            "type": cfg.tokenizer_type,
+            "fingerprint": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+        },  # fmt: skip
         "checked_seq_length": cfg.seq_length,
         "min_response_tokens": cfg.min_response_tokens,
         "bad_records": log.to_dict(),

@@ -40,7 +40,9 @@ def read_raw_pairs(path: str, tokenizer: Tokenizer, options: DataOptions, log: B
     for item in iter_raw(path, options.data_split):
         try:
             encoded = encoder.encode(item)
-            pairs.append(finalize_pair(encoded, len(pairs), item.location, options.seq_length, options.min_response_tokens, vocab))
+            pairs.append(
+                finalize_pair(encoded, len(pairs), item.location, options.seq_length, options.min_response_tokens, vocab)
+            )
         except BadRecord as bad:
             log.handle(bad)
     return pairs, f"{path} (layout {layout}, template {encoder.template.name}, tokenised now)"

@@ -147,13 +147,19 @@ def _read_json(path: str) -> Iterator[RawItem]:
             return
         if pos >= len(text) or not expect_value:
             # Element boundaries are lost after a syntax error: the rest of an array cannot be read.
-            raise BadRecord(Location(path, "line", line), "malformed_json",
-                            "malformed JSON array (expected ',' or ']'); records after this point cannot be located")
+            raise BadRecord(
+                Location(path, "line", line),
+                "malformed_json",
+                "malformed JSON array (expected ',' or ']'); records after this point cannot be located",
+            )
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise BadRecord(Location(path, "line", e.lineno), "malformed_json",
-                            f"malformed JSON: {e.msg} (column {e.colno}); records after this point cannot be located") from None
+            raise BadRecord(
+                Location(path, "line", e.lineno),
+                "malformed_json",
+                f"malformed JSON: {e.msg} (column {e.colno}); records after this point cannot be located",
+            ) from None
         yield RawItem(Location(path, "line", line), value)
         line += text.count("\n", pos, end)
         pos, expect_value = end, False

@@ -27,8 +27,7 @@ def train_tokenizer(lines: list[str]) -> Tokenizer:
         [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.WordLevelTrainer(vocab_size=MAX_VOCAB, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
+    trainer = trainers.WordLevelTrainer(vocab_size=MAX_VOCAB, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tok.train_from_iterator(lines, trainer)
     return tok
 
@@ -46,10 +45,13 @@ def save_hf_dir(tok: Tokenizer, out: str) -> None:
     tok.save(os.path.join(out, "tokenizer.json"))
     special = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     write_json(os.path.join(out, "special_tokens_map.json"), special)
-    write_json(os.path.join(out, "tokenizer_config.json"), {
-        **special,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 4096,
-        # The Metaspace decoder already restores the spacing; the legacy clean-up would alter it.
-        "clean_up_tokenization_spaces": False,
-    })
+    write_json(
+        os.path.join(out, "tokenizer_config.json"),
+        {
+            **special,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 4096,
+            # The Metaspace decoder already restores the spacing; the legacy clean-up would alter it.
+            "clean_up_tokenization_spaces": False,
+        },
+    )

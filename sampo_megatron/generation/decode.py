@@ -187,7 +187,9 @@ def generate(
     indices = list(range(len(prompt_ids))) if indices is None else list(indices)
     for i, ids in zip(indices, prompt_ids):
         if len(ids) >= max_length:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens: no room to generate within the {max_length}-token limit (--seq-length)")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens: no room to generate within the {max_length}-token limit (--seq-length)"
+            )
     modes = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 LossType = Literal["sigmoid", "robust", "ipo", "hinge", "dpop", "bco_pair", "nca_pair", "sppo_hard", "kto_pair", "rdpo", "simpo",
-                   "sft", "tdpo1", "tdpo2"]  # fmt: skip
+                   "sigmoid_norm", "orpo", "sft", "tdpo1", "tdpo2"]  # fmt: skip
 """The names registered in :mod:`sampo_megatron.losses.pairwise` (tests/test_losses.py checks they agree)."""
-LengthDebias = Literal["none", "sampo", "sampo_topk", "sanorm"]
+LengthDebias = Literal["none", "sampo", "sampo_topk", "sanorm", "ld_dpo"]
 """The names registered in :mod:`sampo_megatron.losses.debias`."""
 
 
@@ -19,7 +19,7 @@ class LossConfig:
     loss_type: LossType = "sigmoid"
     """Pairwise objective, a name registered in :mod:`sampo_megatron.losses.pairwise`."""
     length_debias: LengthDebias = "none"
-    """Length-debiasing transform of the per-token log-ratios: none, sampo, sampo_topk or sanorm."""
+    """Length-debiasing transform of the per-token log-ratios: none, sampo, sampo_topk, sanorm or ld_dpo."""
     sampo_mask: Literal["shared", "independent"] = "shared"
     """``shared``: one draw per response applied to the log-ratio (paper Eq. 10); ``independent``:
     separate draws for policy and reference log-probs (the official code's behaviour)."""
@@ -33,6 +33,11 @@ class LossConfig:
     """R-DPO length regulariser ``alpha * (T_w - T_l)``."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin ``gamma``."""
+    ld_alpha: float | None = None
+    """LD-DPO weight in [0, 1] of the tokens past the pair's public prefix ``min(T_w, T_l)``
+    (``--length-debias ld_dpo``; 1 is DPO, 0 keeps only the prefix)."""
+    orpo_lambda: float = 0.1
+    """ORPO weight ``lambda`` of the odds-ratio term added to the chosen response's mean NLL."""
     tdpo_alpha: float = 0.5
     """TDPO2 weight of the sequential-KL difference."""
     sft_weight: float = 0.0
@@ -47,5 +52,16 @@ class LossConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sampo_mask not in ("shared", "independent"):
             raise ValueError(f"sampo_mask must be 'shared' or 'independent', got {self.sampo_mask!r}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.length_debias == "ld_dpo" and self.ld_alpha is None:
+            raise ValueError(
+                "--length-debias ld_dpo needs --ld-alpha (the weight in [0, 1] of the tokens past the public prefix)"
+            )
+        if self.ld_alpha is not None and self.length_debias != "ld_dpo":
+            raise ValueError(f"--ld-alpha is the weight of the ld_dpo transform; it does not combine with --length-debias "
+                             f"{self.length_debias} (each transform sets the per-token weights): pass --length-debias ld_dpo")  # fmt: skip
+        if self.orpo_lambda < 0:
+            raise ValueError(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")

@@ -8,6 +8,8 @@ token count* used by losses that average (SimPO). For a pair with lengths ``T_w`
 - ``sampo``      (Eq. 10):   ``w_t = 1`` on ``T_m`` uniformly drawn positions; count ``T_m``
 - ``sampo_topk`` (App. G):   ``w_t = 1`` on the ``T_m`` positions of largest ``r_t``; count ``T_m``
 - ``sanorm``     (Eq. 9):    ``w_t = (T_w + T_l) / (2 T)``;                 count ``(T_w + T_l) / 2``
+- ``ld_dpo``     (LD-DPO, Liu et al. 2024): ``w_t = 1`` on the public prefix ``t < T_m``,
+  ``w_t = alpha`` past it (only the longer response has such tokens);   count ``T_m + alpha (T - T_m)``
 
 Policy and reference log-probs get their own weights so that ``--sampo-mask independent`` can draw
 them separately; with shared weights ``sum w (logp - ref) = sum w logp - sum w ref``.
@@ -55,6 +57,8 @@ class DebiasInputs:
     epoch: int
     sampo_mask: str
     cp_group: object = None
+    ld_alpha: float | None = None
+    """LD-DPO's weight of the tokens past the public prefix."""
 
     @property
     def keep_counts(self) -> torch.Tensor:
@@ -79,9 +83,7 @@ def _sampled_weights(inputs: DebiasInputs, streams: tuple[int, ...]) -> list[tor
     n = len(streams)
     roles = torch.cat([role_code(inputs.roles, stream) for stream in streams])
     seeds = response_seeds(inputs.seed, inputs.epoch, inputs.sample_ids.repeat(n), roles)
-    kept = sampled_kept_mask(
-        inputs.response_index.repeat(n, 1), inputs.lengths.repeat(n), inputs.keep_counts.repeat(n), seeds
-    )
+    kept = sampled_kept_mask(inputs.response_index.repeat(n, 1), inputs.lengths.repeat(n), inputs.keep_counts.repeat(n), seeds)
     return list(kept.float().chunk(n))
 
 
@@ -115,6 +117,23 @@ def sanorm(inputs: DebiasInputs) -> DebiasWeights:
     scale = mean_length / inputs.lengths.clamp(min=1).double()
     weights = inputs.response_mask.double() * scale[:, None]
     return DebiasWeights(weights, weights, mean_length)
+
+
+@DEBIAS.register("ld_dpo")
+def ld_dpo(inputs: DebiasInputs) -> DebiasWeights:
+    """LD-DPO's desensitised likelihood ``log pi^(y) = sum_{t < T_m} log pi_t + alpha sum_{t >= T_m} log pi_t``.
+
+    Applied to the policy and the reference alike, as the paper's loss divides ``pi^_theta`` by
+    ``pi^_ref`` (TRL does the same; ms-swift weights the policy only). ``alpha = 1`` is DPO.
+    """
+    if inputs.ld_alpha is None:
+        raise ValueError("--length-debias ld_dpo needs --ld-alpha")
+    # float64 weights, as sanorm's: float64 inputs stay exact.
+    prefix = inputs.response_index < inputs.keep_counts[:, None]
+    alpha = torch.full(prefix.shape, inputs.ld_alpha, dtype=torch.float64, device=prefix.device)
+    weights = torch.where(prefix, 1.0, alpha) * inputs.response_mask.double()
+    keep = inputs.keep_counts.double()
+    return DebiasWeights(weights, weights, keep + inputs.ld_alpha * (inputs.lengths.double() - keep))
 
 
 __all__ = ["CHOSEN", "DEBIAS", "DebiasInputs", "DebiasWeights", "REJECTED"]

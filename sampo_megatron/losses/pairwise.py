@@ -124,9 +124,7 @@ def bco_pair(pair: PairValues, cfg: LossConfig) -> LossTerms:
     ``delta`` is the running mean of the rewards ``beta r`` over the batches seen so far.
     """
     delta = pair.reward_mean
-    losses = -F.logsigmoid(cfg.beta * pair.chosen.logratio - delta) - F.logsigmoid(
-        -(cfg.beta * pair.rejected.logratio - delta)
-    )
+    losses = -F.logsigmoid(cfg.beta * pair.chosen.logratio - delta) - F.logsigmoid(-(cfg.beta * pair.rejected.logratio - delta))
     return _rewards(pair, losses, cfg)
 
 
@@ -178,6 +176,41 @@ def simpo(pair: PairValues, cfg: LossConfig) -> LossTerms:
     chosen = cfg.beta * pair.chosen.logps / pair.chosen.count
     rejected = cfg.beta * pair.rejected.logps / pair.rejected.count
     return LossTerms(-F.logsigmoid(chosen - rejected - cfg.simpo_gamma), chosen.detach(), rejected.detach())
+
+
+@register_loss("sigmoid_norm")
+def sigmoid_norm(pair: PairValues, cfg: LossConfig) -> LossTerms:
+    """Length-normalised DPO (Tülu 3, Lambert et al. 2024; TRL's ``sigmoid_norm``):
+    ``-log sigma(beta (r_w / T_w - r_l / T_l))``, each log-ratio averaged over its own counted tokens.
+
+    ``T`` is the effective token count (the response length with ``--length-debias none``). Not
+    ``sanorm``, which rescales both sums by the pair's mean length. ``beta`` acts on a per-token
+    log-ratio, so it is far larger than DPO's: Tülu 3 uses 5 where DPO uses 0.1. Rewards ``beta r / T``.
+    """
+    chosen = cfg.beta * pair.chosen.logratio / pair.chosen.count
+    rejected = cfg.beta * pair.rejected.logratio / pair.rejected.count
+    return LossTerms(-F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach())
+
+
+def _log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` for ``p = exp(mean_logp) < 1``, without cancellation near ``p = 1``."""
+    return mean_logp - torch.log(-torch.expm1(mean_logp))
+
+
+@register_loss("orpo", reference_free=True)
+def orpo(pair: PairValues, cfg: LossConfig) -> LossTerms:
+    """ORPO (Hong et al. 2024, Eqs. 6-7), reference-free, with ``m = pi / T`` the mean log-prob per
+    counted token and ``odds(y) = e^m / (1 - e^m)``:
+
+    ``-m_w - lambda log sigma(log odds(y_w) - log odds(y_l))``
+
+    (the chosen response's NLL plus ``lambda`` times the odds-ratio loss; ``beta`` is unused).
+    Rewards are the mean log-probs ``m`` (TRL reports ``lambda m``; the accuracies are the same).
+    """
+    chosen = pair.chosen.logps / pair.chosen.count
+    rejected = pair.rejected.logps / pair.rejected.count
+    odds_ratio = -F.logsigmoid(_log_odds(chosen) - _log_odds(rejected))
+    return LossTerms(-chosen + cfg.orpo_lambda * odds_ratio, chosen.detach(), rejected.detach())
 
 
 @register_loss("sft", reference_free=True)

@@ -120,6 +120,7 @@ def preference_loss(
             epoch=epoch,
             sampo_mask=config.sampo_mask,
             cp_group=cp_group,
+            ld_alpha=config.ld_alpha,
         )
     )
 

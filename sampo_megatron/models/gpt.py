@@ -241,7 +241,11 @@ def _with_sequence_parallel_norms(spec, config, vp_stage: int | None):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     submodules = spec.submodules
-    norms = {f.name: SequenceParallelTorchNorm for f in dataclasses.fields(submodules) if getattr(submodules, f.name) is WrappedTorchNorm}
+    norms = {
+        f.name: SequenceParallelTorchNorm
+        for f in dataclasses.fields(submodules)
+        if getattr(submodules, f.name) is WrappedTorchNorm
+    }
     final_norm = transformer_block.LayerNormImpl
     if not norms and final_norm is not WrappedTorchNorm:
         return spec
@@ -265,9 +269,7 @@ def _cast_float32_params(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def build_model_chunks(
-    model: ModelConfig, config, vocab_size: int, seq_length: int
-) -> list[torch.nn.Module]:
+def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int) -> list[torch.nn.Module]:
     """This rank's GPTModel chunks: one per virtual pipeline stage (one without interleaving).
 
     Args:

@@ -76,7 +76,9 @@ def dry_run_report(cfg, environ: Mapping[str, str] | None = None) -> str:
         validate_or_raise(cfg, world_size, purpose="dry_run")
     except ConfigError as err:
         if guessed:  # the likeliest mistake: the run's GPU count was never given
-            raise ConfigError(f"{err}\n  (no launcher sets the world size here, so 1 GPU was assumed: pass --world-size N)") from None
+            raise ConfigError(
+                f"{err}\n  (no launcher sets the world size here, so 1 GPU was assumed: pass --world-size N)"
+            ) from None
         raise
     shape = model_shape(cfg)
     plan = plan_memory(shape, layout_from_config(cfg, world_size))

@@ -50,7 +50,9 @@ def layout_problems(shape: ModelShape, layout: Layout, world_size: int | None = 
             f"{layout.micro_batch_size} x data-parallel size {layout.dp}"
         )
     if layout.sequence_parallel and layout.seq_length % t:
-        problems.append(f"--seq-length {layout.seq_length} not divisible by --tensor-model-parallel-size {t} (--sequence-parallel)")
+        problems.append(
+            f"--seq-length {layout.seq_length} not divisible by --tensor-model-parallel-size {t} (--sequence-parallel)"
+        )
     if layout.cp > 1 and layout.seq_length % (2 * layout.cp):
         problems.append(f"--seq-length {layout.seq_length} not divisible by 2 x --context-parallel-size {layout.cp}")
     if world_size is not None and world_size != layout.world_size:
@@ -114,5 +116,12 @@ def search_layouts(
                     if plan.fits(gpu_gib * GIB):
                         found.append(plan)
     # Least model parallelism and recomputation first, then least memory.
-    found.sort(key=lambda p: (p.layout.tp * p.layout.pp, p.layout.recompute_granularity is not None, p.layout.distributed_optimizer, p.total))
+    found.sort(
+        key=lambda p: (
+            p.layout.tp * p.layout.pp,
+            p.layout.recompute_granularity is not None,
+            p.layout.distributed_optimizer,
+            p.total,
+        )
+    )
     return found[:limit]

@@ -91,7 +91,10 @@ class Layout:
         parts += ["SP"] if self.sequence_parallel else []
         parts += ["dist-opt"] if self.distributed_optimizer else []
         if self.recompute_granularity:
-            parts.append(f"recompute-{self.recompute_granularity}" + (f"-{self.recompute_method}{self.recompute_num_layers}" if self.recompute_method else ""))
+            parts.append(
+                f"recompute-{self.recompute_granularity}"
+                + (f"-{self.recompute_method}{self.recompute_num_layers}" if self.recompute_method else "")
+            )
         parts += [f"fp8-{self.fp8}"] if self.fp8 else []
         parts.append(f"ref-{self.ref_mode}")
         return " ".join(parts)

@@ -18,7 +18,9 @@ from ..models.response_logits import install_output_selection
 from .checkpointing import resolve_checkpoint
 
 
-def resolve_architecture(cfg: RunConfig, flags: tuple[str, ...] = ("--save", "--load", "--ref-load")) -> CheckpointArchitecture | None:
+def resolve_architecture(
+    cfg: RunConfig, flags: tuple[str, ...] = ("--save", "--load", "--ref-load")
+) -> CheckpointArchitecture | None:
     """Adopt the architecture (and, unless given, the tokenizer) of the checkpoints the run starts from.
 
     A checkpoint with ``sampo_model.json`` (converted, or saved by the trainer) sets the model's

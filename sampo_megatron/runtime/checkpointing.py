@@ -247,9 +247,7 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
         state["reference"] = model_sharded_state_dict(contents.reference_chunks, prefix="reference.")
     if contents.optimizer is not None:
         prepare_optimizer_state(contents.optimizer)
-        state["optimizer"] = contents.optimizer.sharded_state_dict(
-            state, is_loading=loading, metadata=OPTIMIZER_METADATA
-        )
+        state["optimizer"] = contents.optimizer.sharded_state_dict(state, is_loading=loading, metadata=OPTIMIZER_METADATA)
     if contents.scheduler is not None and not loading:
         state["scheduler"] = contents.scheduler.state_dict()
     if contents.run_state is not None and not loading:
@@ -257,9 +255,7 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(
-    save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None, finish=None
-) -> str:
+def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None, finish=None) -> str:
     """Write ``iter_XXXXXXX`` on all ranks, then (rank 0) point the marker at it.
 
     Args:

@@ -67,7 +67,14 @@ class MetricsLogger:
         tensorboard_dir: TensorBoard log directory.
     """
 
-    def __init__(self, enabled: bool, total_iters: int, log_interval: int = 1, metrics_file: str | None = None, tensorboard_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        total_iters: int,
+        log_interval: int = 1,
+        metrics_file: str | None = None,
+        tensorboard_dir: str | None = None,
+    ) -> None:
         self.enabled = enabled
         self.total_iters = total_iters
         self.log_interval = max(1, log_interval)

@@ -65,7 +65,9 @@ class VerbosityMonitor:
         self.policy, self.reference, self.ctx, self.par = policy, reference, ctx, par
         self.interval = ev.eval_interval
         self.output = ev.eval_output
-        self.generation = GenerationConfig(ev.eval_max_new_tokens, ev.eval_temperature, ev.eval_top_p, cfg.training.seed, ev.eval_batch_size)
+        self.generation = GenerationConfig(
+            ev.eval_max_new_tokens, ev.eval_temperature, ev.eval_top_p, cfg.training.seed, ev.eval_batch_size
+        )
         self.prompts = read_prompts(ev.eval_prompts) if ev.eval_prompts else []
         self.prompt_ids = encode_prompts(self.prompts, tokenizer, cfg.data.prompt_template)
         self.micro_batches = self._held_out_batches(message) if ev.eval_data_path else []
@@ -127,7 +129,9 @@ class VerbosityMonitor:
             m.eval()
         try:
             policy = forward_only_logps(self.policy, self.micro_batches, self.ctx, seq)
-            reference = forward_only_logps(self.reference, self.micro_batches, self.ctx, seq) if self.reference is not None else None
+            reference = (
+                forward_only_logps(self.reference, self.micro_batches, self.ctx, seq) if self.reference is not None else None
+            )
         finally:
             for m, mode in zip(self.policy, modes):
                 m.train(mode)
@@ -137,7 +141,9 @@ class VerbosityMonitor:
         pairs = 0
         for i, batch in enumerate(self.micro_batches):
             out = preference_loss(
-                PreferenceInputs(policy[i], batch["response_mask"], batch["sample_ids"], None if reference is None else reference[i]),
+                PreferenceInputs(
+                    policy[i], batch["response_mask"], batch["sample_ids"], None if reference is None else reference[i]
+                ),
                 self.ctx.loss,
                 epoch=0,
             )

@@ -104,10 +104,13 @@ class ConfigChanges:
 def compare(saved: dict, current: dict) -> ConfigChanges:
     """Sort the differences between two :func:`resolved_record` s (see the module docstring)."""
     old, new = _flatten(saved), _flatten(_normalise(current))
+    defaults = _flatten(_normalise({"config": RunConfig().to_dict()}))
     changes = ConfigChanges()
     for name in sorted(set(old) | set(new)):
         if name not in new:
             continue  # a field this version no longer has
+        if name not in old and name in defaults and new[name] == defaults[name]:
+            continue  # a field added since the checkpoint was written, left at its default
         before, after = old.get(name, "<absent>"), new[name]
         if before == after:
             continue
@@ -150,7 +153,9 @@ def check_resume(saved: dict | None, current: dict, ckpt: str, override_schedule
         )
         if changes.schedule and not override_schedule:
             hint += ", or pass --override-opt-param-scheduler to continue with the new schedule"
-        raise ConfigChangeError(f"resuming {ckpt} with changes that would silently alter the run:\n" + "\n".join(lines) + f"\n{hint}.")
+        raise ConfigChangeError(
+            f"resuming {ckpt} with changes that would silently alter the run:\n" + "\n".join(lines) + f"\n{hint}."
+        )
     notes = [f"  schedule (--override-opt-param-scheduler): {_describe(*c)}" for c in changes.schedule if override_schedule]
     notes += [f"  applied: {_describe(*c)}" for c in changes.applied]
     return ([f"resuming {ckpt} with these changes:"] + notes) if notes else []

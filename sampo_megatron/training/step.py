@@ -46,7 +46,9 @@ def _model_logits(ctx: StepContext, batch: MicroBatch, model) -> tuple[torch.Ten
     return model(batch["tokens"], batch["position_ids"], None), compact
 
 
-def token_logprobs(batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool, inplace_backward: bool) -> torch.Tensor:
+def token_logprobs(
+    batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool, inplace_backward: bool
+) -> torch.Tensor:
     """``[2P, S]`` per-token log-probs of the labels.
 
     From ``[2P, S, V/TP]`` logits; or from compact ``[1, n, V/TP]`` logits at the response positions

@@ -61,7 +61,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
         check_tokenizer_matches_checkpoint(cfg, self.tokenizer, self.architecture, rank0_print)
         try:  # a tokenizer bigger than the model is a set-up error: said before any data is read
-            self.vocab_size, vocab_padded = model_vocab_sizes(cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+            self.vocab_size, vocab_padded = model_vocab_sizes(
+                cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size
+            )
         except ValueError as e:
             raise ValueError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
         self.feed = StepFeed(cfg, par, self.tokenizer, self.vocab_size)
@@ -70,15 +72,21 @@ class Trainer:
         self.chunks = build_chunks(cfg, vocab_padded, self.tconfig)
         self.model = wrap_ddp(cfg, self.tconfig, self.chunks)
         self.optimizer = build_optimizer(cfg, self.tconfig, self.model)
-        self.scheduler = build_scheduler(cfg.training, self.optimizer, self.train_iters, cfg.checkpoint.override_opt_param_scheduler)
+        self.scheduler = build_scheduler(
+            cfg.training, self.optimizer, self.train_iters, cfg.checkpoint.override_opt_param_scheduler
+        )
         self.reward_mean = RunningMean(group=par.dp_group)
-        self.ctx = StepContext(cfg.loss, par.tp_group, self.vocab_size, self.reward_mean, par.cp_group, cfg.training.response_logits_only)
+        self.ctx = StepContext(
+            cfg.loss, par.tp_group, self.vocab_size, self.reward_mean, par.cp_group, cfg.training.response_logits_only
+        )
         begin = start(cfg, self.chunks, self.optimizer, self.scheduler, self.reward_mean, select=self._select,
                       run_record=self._run_record(), vocab_size=self.vocab_size, dp_group=par.dp_cp_group, message=rank0_print)  # fmt: skip
         self.state, self.resumed_from = begin.state, begin.resumed_from
         self.reference = self._make_reference(vocab_padded)
         self.reference.restore(self.resumed_from)
-        self.logger = MetricsLogger(par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
+        self.logger = MetricsLogger(
+            par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
+        )
         self.monitor = None
         if cfg.eval.eval_interval:
             self.monitor = VerbosityMonitor(cfg, self.tokenizer, self.vocab_size, self.model, self.reference.chunks, self.ctx, par,
@@ -168,7 +176,9 @@ class Trainer:
                 self.logger.log(step + 1, metrics)
                 raise NonFiniteError(nonfinite_message(step + 1, nonfinite))
             self.state.skipped_steps += 1
-            self.logger.message(f"iteration {step + 1}: skipped (the {metrics['nonfinite']} is not finite; --skip-nonfinite-steps)")
+            self.logger.message(
+                f"iteration {step + 1}: skipped (the {metrics['nonfinite']} is not finite; --skip-nonfinite-steps)"
+            )
         elif grad_norm is not None and float(grad_norm) == 0.0 and metrics.get("loss", 0.0) > 0.0:
             self.logger.message(
                 f"WARNING: iteration {step + 1}: the gradient norm is exactly 0 with loss {metrics['loss']:.4g}: every gradient "
@@ -179,7 +189,10 @@ class Trainer:
     def save(self) -> str:
         self.state.__dict__.update(self.reference.state())
         contents = CheckpointContents(
-            optimizer=self.optimizer, scheduler=self.scheduler, run_state=self.state.to_dict(), reference_chunks=self.reference.saved_chunks
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            run_state=self.state.to_dict(),
+            reference_chunks=self.reference.saved_chunks,
         )
         ckpt = save_checkpoint(self.cfg.checkpoint.save, self.state.iteration, self.chunks, contents, self.par.dp_cp_group,
                                finish=self._write_checkpoint_files)  # fmt: skip

@@ -84,11 +84,16 @@ def main():
 
     # 3. the full SamPO loss (and TopK) from sharded logits, sums over CP
     loc_mask, loc_index = mask[rows][:, seq], index[rows][:, seq]
-    for debias in ("sampo", "sampo_topk", "sanorm"):
+    for debias in ("sampo", "sampo_topk", "sanorm", "ld_dpo"):
         x = local(policy).requires_grad_(True)
         pol_logps = vocab_parallel_logprobs(x, target[seq][:, rows], tp_group).t()
         ref_logps = vocab_parallel_logprobs(local(ref), target[seq][:, rows], tp_group).t()
-        cfg = LossConfig(length_debias=debias, sampo_mask="independent" if debias == "sampo" else "shared", seed=3)
+        cfg = LossConfig(
+            length_debias=debias,
+            sampo_mask="independent" if debias == "sampo" else "shared",
+            seed=3,
+            ld_alpha=0.3 if debias == "ld_dpo" else None,
+        )
         out = preference_loss(
             PreferenceInputs(pol_logps, loc_mask, pairs, ref_logps, response_index=loc_index), cfg, epoch=2, cp_group=cp_group
         )
@@ -103,6 +108,7 @@ def main():
                 partner_lengths=torch.cat([lengths[len(pairs):], lengths[: len(pairs)]]),
                 sample_ids=torch.cat([pairs, pairs]), roles=torch.tensor([0] * len(pairs) + [1] * len(pairs)),
                 logratios=(pol_logps - ref_logps).detach(), seed=3, epoch=2, sampo_mask=cfg.sampo_mask, cp_group=cp_group,
+                ld_alpha=cfg.ld_alpha,
             )
         )  # fmt: skip
         results[f"{debias}_policy_weights"], results[f"{debias}_ref_weights"] = weights.policy, weights.reference

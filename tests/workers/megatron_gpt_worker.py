@@ -58,9 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--distributed-optimizer", action="store_true")
-    parser.add_argument(
-        "--variants", default="untied,tied", help="comma-separated: untied, tied (embedding/output)"
-    )
+    parser.add_argument("--variants", default="untied,tied", help="comma-separated: untied, tied (embedding/output)")
     parser.add_argument("--checkpoint-dir", default="", help="also test a checkpoint round trip")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
@@ -104,9 +102,7 @@ def make_batches() -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def forward_step(
-    data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module
-) -> tuple[torch.Tensor, LossFunc]:
+def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]:
     """Megatron forward_step_func: per-token losses from the model, masked mean in loss_func."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -215,9 +211,7 @@ def train_one_step(
 
     result: dict[str, object] = {}
     if not distributed_optimizer:  # its grad buffers hold valid grads only for this rank's shard
-        result["grads"] = {
-            names[n]: gather_full(p.main_grad, names[n], p) for n, p in params.items()
-        }
+        result["grads"] = {names[n]: gather_full(p.main_grad, names[n], p) for n, p in params.items()}
     update_successful, grad_norm, _ = optimizer.step()
     assert update_successful
     result["weights"] = {names[n]: gather_full(p.data, names[n], p) for n, p in params.items()}
@@ -297,9 +291,7 @@ def main() -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
-    )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     model_parallel_manual_seed(SEED)
     assert GLOBAL_MICRO_BATCHES % parallel_state.get_data_parallel_world_size() == 0
 

@@ -51,7 +51,9 @@ def main() -> None:
     argv = sys.argv[1:]
     out = argv[argv.index("--out") + 1]
     layouts = json.loads(argv[argv.index("--layouts") + 1])
-    base = [a for i, a in enumerate(argv) if a not in ("--out", "--layouts") and (i == 0 or argv[i - 1] not in ("--out", "--layouts"))]
+    base = [
+        a for i, a in enumerate(argv) if a not in ("--out", "--layouts") and (i == 0 or argv[i - 1] not in ("--out", "--layouts"))
+    ]
     results = {}
     for name, flags in layouts.items():
         cfg = parse_config(base + flags)

@@ -41,8 +41,12 @@ def micro_batch() -> dict:
 
 
 def run(sequence_parallel: bool, compact: bool, tp_group) -> tuple[torch.Tensor, dict, tuple]:
-    model_cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, make_vocab_size_divisible_by=8)
-    config = transformer_config(model_cfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel), TrainingConfig())
+    model_cfg = ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, make_vocab_size_divisible_by=8
+    )
+    config = transformer_config(
+        model_cfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel), TrainingConfig()
+    )
     (chunk,) = build_model_chunks(model_cfg, config, VOCAB, SEQ)
     initialize_deterministically([chunk], seed=SEED, vocab_size=VOCAB)
     install_output_selection(chunk)

@@ -35,7 +35,9 @@ def main() -> None:
         "reference_has_no_grads": all(
             p.grad is None and getattr(p, "main_grad", None) is None for c in trainer.reference.chunks for p in c.parameters()
         ),
-        "reference_not_in_optimizer": all(id(p) not in optimizer_params for c in trainer.reference.chunks for p in c.parameters()),
+        "reference_not_in_optimizer": all(
+            id(p) not in optimizer_params for c in trainer.reference.chunks for p in c.parameters()
+        ),
     }
     flags_all = [None] * dist.get_world_size()
     dist.all_gather_object(flags_all, result)
