@@ -301,19 +301,11 @@ _SECTION_TYPES = {
 _SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
 
 
-def trainer_loss_types() -> list[str]:
-    """The ``--loss-type`` values the trainer runs (the loss library also has TDPO, which needs the
-    reference's full-vocabulary distribution in the step: not wired into the trainer yet)."""
-    from .losses import LOSSES
-
-    return [name for name in LOSSES.names() if not LOSSES[name].needs_token_kl]
-
-
 def _choices() -> dict[str, list[str]]:
-    """Each choice field's values: its ``Literal`` type, or (losses) the trainer's registered names."""
-    from .losses import DEBIAS
+    """Each choice field's values: its ``Literal`` type, or (losses) the registered names."""
+    from .losses import DEBIAS, LOSSES
 
-    choices = {"loss_type": trainer_loss_types(), "length_debias": DEBIAS.names()}
+    choices = {"loss_type": LOSSES.names(), "length_debias": DEBIAS.names()}
     for factory in _SECTION_TYPES.values():
         for f in dataclasses.fields(factory):
             hint = typing.get_type_hints(factory)[f.name]

@@ -99,7 +99,12 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
     window = attention_window_problem(m, tr.seq_length)
     p += [problem for problem in (fp8, window) if problem]
     if LOSSES[cfg.loss.loss_type].needs_token_kl:
-        p.append(f"--loss-type {cfg.loss.loss_type} (TDPO) is not supported by the trainer yet")
+        tdpo = f"--loss-type {cfg.loss.loss_type} (TDPO) needs the reference's full-vocabulary distribution at every response position"
+        if ref.ref_mode == "cache":
+            p.append(f"{tdpo}; --ref-mode cache stores per-token log-probs only: use --ref-mode replica")
+        if not tr.response_logits_only:
+            p.append(f"{tdpo}; it recomputes it from the hidden states the replica keeps at those positions: "
+                     "drop --no-response-logits-only")  # fmt: skip
 
     # the layout
     positive = all(x >= 1 for x in (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size,

@@ -8,6 +8,7 @@ import pytest
 
 from sampo_megatron.config import parse_config
 from sampo_megatron.models.gpt import fp8_unavailable_reason, transformer_config
+from sampo_megatron.validation import config_problems
 
 from helpers import REPO_ROOT, torchrun_env
 
@@ -76,10 +77,14 @@ def test_trainer_refuses_fp8_on_cpu_with_a_clear_error():
 
 def test_every_recipe_parses_with_the_trainers_parser():
     recipes = sorted((REPO_ROOT / "examples" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 10
+    assert len(recipes) == 12
     for recipe in recipes:
         cfg = parse_config(["--config", str(recipe)])
         transformer_config(cfg.model, cfg.parallel, cfg.training)  # megatron-core's own validation
+        if recipe.stem.endswith("_tdpo2"):  # the paper's token-level baseline, run as the authors did
+            assert (cfg.loss.loss_type, cfg.loss.tdpo_alpha, cfg.loss.length_debias) == ("tdpo2", 0.5, "none"), recipe.name
+            assert not [p for p in config_problems(cfg, world_size=8, purpose="dry_run") if "TDPO" in p], recipe.name
+            continue
         assert cfg.loss.length_debias == "sampo", recipe.name
         assert cfg.reference.ref_update == ("epoch" if recipe.stem.endswith("_iterative") else "none"), recipe.name
     by_name = {r.stem: parse_config(["--config", str(r)]) for r in recipes}
@@ -88,3 +93,4 @@ def test_every_recipe_parses_with_the_trainers_parser():
     assert (llama.training.lr, llama.loss.beta, llama.training.train_epochs, llama.training.seq_length) == (4e-7, 0.1, 3, 8192)
     assert by_name["tulu2-13b_ultrafeedback"].training.lr == 1e-6
     assert by_name["qwen1.5-72b_ultrafeedback_fp8"].training.fp8_format == "hybrid"
+    assert by_name["pythia-2.8b_tldr_tdpo2"].loss.beta == 0.5 and by_name["llama3-8b_ultrafeedback_tdpo2"].training.lr == 4e-7

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from helpers import BASE, assert_same_steps, run_torchrun, train
+from helpers import BASE, COMPARED, assert_same_steps, run_torchrun, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,3 +32,51 @@ def test_ld_dpo_with_length_normalised_dpo_at_tp2_reproduces_one_process(tmp_pat
     assert len(single) == 3 and single[0]["loss"] == pytest.approx(math.log(2), rel=1e-7)
     assert single[-1]["loss"] != single[0]["loss"]
     assert_same_steps(tp2, single, rel=1e-5)
+
+
+# TDPO: the reference is a checkpoint two SamPO steps away from the policy's initialisation, so the
+# per-token KL is not zero at the first step.
+TDPO_LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "tp2_sequence_parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tdpo_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tdpo_reference")
+    train(tmp, "ref", 1, "--tensor-model-parallel-size", "1", "--train-iters", "2", "--save-interval", "2")
+    return tmp / "ref" / "ckpt"
+
+
+def _tdpo_flags(reference, loss_type="tdpo2"):
+    return ["--loss-type", loss_type, "--length-debias", "none", "--lr", "0.01", "--ref-load", str(reference)]
+
+
+@pytest.fixture(scope="module")
+def tdpo_single(tmp_path_factory, tdpo_reference):
+    tmp = tmp_path_factory.mktemp("tdpo_single")
+    metrics, _ = train(tmp, "single", 1, "--tensor-model-parallel-size", "1", *_tdpo_flags(tdpo_reference))
+    return metrics
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo1", "tdpo2"])
+def test_tdpo_first_step_equals_float64_oracle(tmp_path, tdpo_reference, loss_type):
+    oracle_file, metrics_file = tmp_path / "oracle.json", tmp_path / "metrics.jsonl"
+    run_torchrun("tdpo_oracle_worker.py", 1, "--out", str(oracle_file), *BASE, "--tensor-model-parallel-size", "1",
+                 *_tdpo_flags(tdpo_reference, loss_type), "--train-iters", "1", "--metrics-file", str(metrics_file),
+                 "--save", str(tmp_path / "ckpt"))  # fmt: skip
+    oracle = json.loads(oracle_file.read_text())
+    first = json.loads(metrics_file.read_text().splitlines()[0])
+    assert oracle["kl/chosen"] > 1e-3  # the reference differs from the policy: the KL term is exercised
+    for key, expected in oracle.items():
+        assert first[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), (key, first[key], expected)
+
+
+@pytest.mark.parametrize("layout", list(TDPO_LAYOUTS))
+def test_tdpo_parallel_layouts_reproduce_single_process(tmp_path, tdpo_reference, tdpo_single, layout):
+    nproc, flags = TDPO_LAYOUTS[layout]
+    metrics, _ = train(tmp_path, layout, nproc, *flags, *_tdpo_flags(tdpo_reference))
+    assert len(metrics) == 3 and tdpo_single[-1]["loss"] != tdpo_single[0]["loss"]
+    assert_same_steps(metrics, tdpo_single, rel=1e-5, keys=(*COMPARED, "kl/chosen", "kl/rejected"))

@@ -110,3 +110,18 @@ def test_padded_vocabulary_columns_are_left_out(inplace):
     assert max_rel_error(out, ref_out) <= 1e-5
     assert max_rel_error(x.grad[..., :301], ref_g) <= 1e-5
     assert (x.grad[..., 301:] == 0).all()
+
+
+def test_kl_leaves_padded_vocabulary_columns_out():
+    ref_logits, _, grad = _inputs(torch.float32, v=301, seed=5)
+    pol_logits, _, _ = _inputs(torch.float32, v=301, seed=6)
+    pad = torch.randn(*pol_logits.shape[:-1], 83) * 5
+    x = torch.cat([pol_logits, pad], dim=-1).requires_grad_(True)
+    out = vocab_parallel_kl(torch.cat([ref_logits, pad * 2], dim=-1), x, chunk_size=4, vocab_size=301)
+    (out.double() * grad).sum().backward()
+    y = pol_logits.double().requires_grad_(True)
+    expected = kl_reference(ref_logits, y)
+    (expected * grad).sum().backward()
+    assert max_rel_error(out, expected) <= 1e-5
+    assert max_rel_error(x.grad[..., :301], y.grad) <= 1e-5
+    assert (x.grad[..., 301:] == 0).all()

@@ -134,6 +134,17 @@ def test_every_registered_loss_is_covered():
     }  # fmt: skip
 
 
+def test_config_choices_and_planner_agree_with_the_registries():
+    from typing import get_args
+
+    from sampo_megatron.losses.config import LengthDebias, LossType
+    from sampo_megatron.planning.shapes import TOKEN_KL_LOSSES
+
+    assert sorted(get_args(LossType)) == ALL_LOSSES
+    assert sorted(get_args(LengthDebias)) == DEBIAS.names()
+    assert set(TOKEN_KL_LOSSES) == {name for name in ALL_LOSSES if LOSSES[name].needs_token_kl}
+
+
 @pytest.mark.parametrize("debias", ["none", "sampo", "sampo_topk", "sanorm", "ld_dpo"])
 @pytest.mark.parametrize("loss_type", ALL_LOSSES)
 def test_loss_equals_written_out_equation(loss_type, debias):

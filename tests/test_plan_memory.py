@@ -23,17 +23,23 @@ TINY_SHAPE = ModelShape(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_
                         vocab_size=8000, make_vocab_size_divisible_by=64)  # fmt: skip
 
 
-def long_pairs(tmp_path):
-    """Pairs whose prompt is longer than --seq-length, so every micro-batch is [2 mbs, seq-length]
-    (the planner's shape) whatever the batch padding policy."""
+def repeated_pairs(tmp_path, fields: tuple[str, ...], times: int):
+    """The first 16 shipped pairs with ``fields`` repeated ``times`` times."""
     rows = []
     for line in SHIPPED.read_text().splitlines()[:16]:
         record = json.loads(line)
-        record["prompt"] = (record["prompt"] + " ") * 30
+        for name in fields:
+            record[name] = (record[name] + " ") * times
         rows.append(json.dumps(record))
-    path = tmp_path / "long_pairs.jsonl"
+    path = tmp_path / f"{'_'.join(fields)}_x{times}.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def long_pairs(tmp_path):
+    """Pairs whose prompt is longer than --seq-length, so every micro-batch is [2 mbs, seq-length]
+    (the planner's shape) whatever the batch padding policy."""
+    return repeated_pairs(tmp_path, ("prompt",), 30)
 
 
 @pytest.mark.multiprocess
@@ -74,6 +80,31 @@ def test_predicted_peak_within_15_percent_of_measured(tmp_path):
     # the replica costs one more copy of the weights, recomputation saves activations
     assert results["replica"]["measured"] > results["cache"]["measured"]
     assert results["replica_full_recompute"]["measured"] < results["replica"]["measured"]
+
+
+def long_responses(tmp_path):
+    """Pairs whose responses fill --seq-length, so nearly every position is a response position
+    (the planner counts TDPO's kept hidden states and reference logits at every position)."""
+    return repeated_pairs(tmp_path, ("chosen", "rejected"), 40)
+
+
+@pytest.mark.multiprocess
+def test_tdpo_predicted_peak_within_15_percent_of_measured(tmp_path):
+    """TDPO's extra memory (the replica's kept hidden states, the recomputed reference logits and the
+    logits' gradient) measured as above, against DPO on the same data."""
+    out = tmp_path / "memory.json"
+    layouts = {"replica": [], "replica_tdpo": ["--loss-type", "tdpo2", "--length-debias", "none"]}
+    run_torchrun("memory_worker.py", 1, "--out", str(out), "--layouts", json.dumps(layouts), *TINY,
+                 "--data-path", str(long_responses(tmp_path)))  # fmt: skip
+    results = json.loads(out.read_text())[0]
+    for name, r in results.items():
+        ratio = r["predicted"] / r["measured"]
+        print(f"{name}: measured {r['measured'] / 2**20:.1f} MiB, predicted {r['predicted'] / 2**20:.1f} MiB ({ratio:.3f})")
+        assert 0.85 <= ratio <= 1.15, (name, r)
+    extra_measured = results["replica_tdpo"]["measured"] - results["replica"]["measured"]
+    extra_predicted = results["replica_tdpo"]["predicted"] - results["replica"]["predicted"]
+    print(f"TDPO extra: measured {extra_measured / 2**20:.1f} MiB, predicted {extra_predicted / 2**20:.1f} MiB")
+    assert extra_measured > 0 and 0.5 <= extra_predicted / extra_measured <= 1.5
 
 
 @pytest.mark.parametrize(

@@ -69,9 +69,17 @@ def test_one_rule_for_query_groups_and_tensor_parallelism():
     ]
 
 
-def test_loss_types_the_trainer_cannot_run_are_not_offered():
-    with pytest.raises(SystemExit):
-        parse_config(["--loss-type", "tdpo1"])
+def test_tdpo_needs_the_replica_and_response_logits():
+    problems = "\n".join(config_problems(parse_config([*TINY, "--loss-type", "tdpo1", "--ref-mode", "cache"]), world_size=2))
+    assert (
+        "--loss-type tdpo1 (TDPO) needs the reference's full-vocabulary distribution at every response position; "
+        "--ref-mode cache stores per-token log-probs only: use --ref-mode replica" in problems
+    )
+    problems = "\n".join(
+        config_problems(parse_config([*TINY, "--loss-type", "tdpo2", "--no-response-logits-only"]), world_size=2)
+    )
+    assert "drop --no-response-logits-only" in problems
+    assert config_problems(parse_config([*TINY, "--loss-type", "tdpo2"]), world_size=2) == []
 
 
 @pytest.mark.parametrize(

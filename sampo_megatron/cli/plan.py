@@ -24,6 +24,7 @@ from sampo_megatron.planning import (
     search_layouts,
 )
 from sampo_megatron.planning.memory import GIB
+from sampo_megatron.planning.shapes import TOKEN_KL_LOSSES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="16-bit weights (else fp32)")
     p.add_argument("--ref-mode", choices=["replica", "cache"], default="replica")
+    p.add_argument("--loss-type", default="sigmoid",
+                   help=f"the run's loss; {' and '.join(TOKEN_KL_LOSSES)} (TDPO) keep the reference's hidden states and logits")  # fmt: skip
     p.add_argument(
         "--transformer-impl",
         choices=["transformer_engine", "local"],
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, fp8=args.fp8_format,
         bf16_layers=args.num_layers_at_start_in_bf16 + args.num_layers_at_end_in_bf16 if args.first_last_layers_bf16 else 0,
-        param_bytes=2 if args.bf16 else 4, ref_mode=args.ref_mode,
+        param_bytes=2 if args.bf16 else 4, ref_mode=args.ref_mode, token_kl=args.loss_type in TOKEN_KL_LOSSES,
         attention="flash" if args.transformer_impl == "transformer_engine" else "local",
     )  # fmt: skip
     if args.search:

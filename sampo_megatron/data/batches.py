@@ -72,6 +72,9 @@ class MicroBatch(TypedDict, total=False):
     """[P] int64: the pairs' ids (the SamPO draws and the reference cache are keyed by them)."""
     ref_logps: torch.Tensor
     """[2P, S] float: reference log-probs, attached by the reference (training/reference.py)."""
+    ref_hidden: torch.Tensor
+    """[n, 1, h] TDPO: the reference's final hidden states at the ``n`` response positions (in
+    ``response_mask.t().nonzero()`` order), attached by the reference replica."""
     response_index: torch.Tensor
     """[2P, S] int64: position inside the response over the whole sequence (-1 elsewhere); set before
     a context-parallel split, so the down-sampling draw sees whole responses."""

@@ -155,6 +155,8 @@ def preference_loss(
         metrics[f"{prefix}/margins"] = (t.chosen_rewards - t.rejected_rewards).detach()
         metrics[f"{prefix}/accuracies"] = (t.chosen_rewards > t.rejected_rewards).to(t.chosen_rewards.dtype)
     metrics["logps/chosen"], metrics["logps/rejected"] = chosen.logps.detach(), rejected.logps.detach()
+    if kl_seq is not None:  # TDPO's sequential KL(pi_ref || pi_theta), debiased as the log-probs
+        metrics["kl/chosen"], metrics["kl/rejected"] = chosen.kl.detach(), rejected.kl.detach()
     metrics["logps_full/chosen"], metrics["logps_full/rejected"] = full_chosen.logps.detach(), full_rejected.logps.detach()
     dtype = losses.dtype
     metrics["lengths/chosen"] = chosen_len.to(dtype)

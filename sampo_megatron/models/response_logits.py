@@ -46,6 +46,10 @@ def _restore(layer, args, kwargs, output):
     if getattr(layer, "_sampo_restore_sequence_parallel", False):
         restore_sequence_parallel(layer)
         layer._sampo_restore_sequence_parallel = False
+    kept = layer._sampo_kept
+    if kept is not None:  # the input after the selection (and the sequence-parallel gather)
+        kept.append(args[0].detach())
+        layer._sampo_kept = None
     return output
 
 
@@ -59,6 +63,7 @@ def install_output_selection(chunk) -> None:
     check_output_layer(layer)
     layer._sampo_positions = None
     layer._sampo_restore_sequence_parallel = False
+    layer._sampo_kept = None
     layer.register_forward_pre_hook(_select_hidden, with_kwargs=True)
     layer.register_forward_hook(_restore, with_kwargs=True)
 
@@ -75,3 +80,29 @@ def select_output_positions(chunk, positions: torch.Tensor) -> bool:
         return False
     layer._sampo_positions = positions
     return True
+
+
+def keep_output_input(chunk) -> list[torch.Tensor] | None:
+    """Keep the input of the chunk's next output-layer call: after :func:`select_output_positions`,
+    the final hidden states at the selected positions, ``[n, 1, h]``, whole over sequence parallelism
+    (TDPO's reference: its logits are recomputed from them in the policy's loss, one micro-batch at a
+    time, instead of keeping ``[n, V/TP]`` logits for every micro-batch of the step).
+
+    Returns:
+        A list the next forward appends the (detached) tensor to; ``None`` when the chunk has no
+        output layer with the selection installed (stages other than the last).
+    """
+    layer = getattr(_unwrap(chunk), "output_layer", None)
+    if layer is None or not hasattr(layer, "_sampo_positions"):
+        return None
+    layer._sampo_kept = []
+    return layer._sampo_kept
+
+
+def output_weight(chunk) -> torch.Tensor:
+    """The ``[V/TP, h]`` output-layer weight of the last model chunk (the word embedding's copy on the
+    last stage when the two are tied)."""
+    model = _unwrap(chunk)
+    if getattr(model, "share_embeddings_and_output_weights", False):
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

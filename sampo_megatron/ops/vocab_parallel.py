@@ -18,6 +18,8 @@ be needed by anything else afterwards, as with the output layer's activations).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -175,16 +177,17 @@ class _VocabParallelKL(torch.autograd.Function):
     def forward(ctx, ref_logits, policy_logits, tp_group, chunk_size):
         vocab_local = policy_logits.shape[-1]
         lead_shape = policy_logits.shape[:-1]
-        ref_flat = ref_logits.reshape(-1, vocab_local)
-        pol_flat = policy_logits.reshape(-1, vocab_local)
-        rows = pol_flat.shape[0]
+        rows = math.prod(lead_shape)
+        ref_flat = ref_logits.reshape(rows, vocab_local)
+        pol_flat = policy_logits.reshape(rows, vocab_local)
         # per row: local max of ref and policy; sum exp(ref - m_ref), sum exp(ref - m_ref) * (ref - pol),
         # sum exp(pol - m_pol)
         acc = _compute_dtype(policy_logits.dtype)
-        maxes = torch.empty(2, rows, dtype=acc, device=pol_flat.device)
-        sums = torch.empty(3, rows, dtype=acc, device=pol_flat.device)
-        step = _chunk_rows(rows, vocab_local, chunk_size)
-        for start in range(0, rows, step):
+        # A shard of TP padding only (no real column) adds nothing: max -inf, sums 0.
+        maxes = torch.full((2, rows), -math.inf, dtype=acc, device=pol_flat.device)
+        sums = torch.zeros(3, rows, dtype=acc, device=pol_flat.device)
+        step = _chunk_rows(rows, max(1, vocab_local), chunk_size)
+        for start in range(0, rows if vocab_local else 0, step):
             end = min(start + step, rows)
             ref = ref_flat[start:end].to(acc)
             pol = pol_flat[start:end].to(acc)
@@ -218,8 +221,9 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, grad_output):
         ref_logits, policy_logits, ref_lse, pol_lse = ctx.saved_tensors
         vocab_local = policy_logits.shape[-1]
-        ref_flat = ref_logits.reshape(-1, vocab_local)
-        pol_flat = policy_logits.reshape(-1, vocab_local)
+        rows = math.prod(policy_logits.shape[:-1])
+        ref_flat = ref_logits.reshape(rows, vocab_local)
+        pol_flat = policy_logits.reshape(rows, vocab_local)
         acc = _compute_dtype(policy_logits.dtype)
         grad_rows = grad_output.reshape(-1).to(acc)
         grad_flat = torch.empty_like(pol_flat)
@@ -240,6 +244,7 @@ def vocab_parallel_kl(
     tp_group=None,
     *,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``KL(pi_ref || pi_theta) = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` over shards.
 
@@ -251,6 +256,8 @@ def vocab_parallel_kl(
         policy_logits: ``[..., V/TP]`` policy logits shard, same shape.
         tp_group: tensor-parallel process group (``None``: whole vocabulary local).
         chunk_size: positions processed at once.
+        vocab_size: the real vocabulary size when the logits carry megatron's TP padding: columns
+            with global id ``>= vocab_size`` are left out of both distributions and get zero gradient.
 
     Returns:
         ``[...]`` fp32 per-position KL, identical on every rank of ``tp_group``.
@@ -259,4 +266,8 @@ def vocab_parallel_kl(
         raise ValueError(f"ref {tuple(ref_logits.shape)} and policy {tuple(policy_logits.shape)} shapes differ")
     if ref_logits.requires_grad:
         ref_logits = ref_logits.detach()
+    vocab_local = policy_logits.shape[-1]
+    if vocab_size is not None:
+        n_real = max(0, min(vocab_local, vocab_size - _vocab_start(vocab_local, tp_group)))
+        ref_logits, policy_logits = ref_logits[..., :n_real], policy_logits[..., :n_real]
     return _VocabParallelKL.apply(ref_logits.contiguous(), policy_logits.contiguous(), tp_group, chunk_size)

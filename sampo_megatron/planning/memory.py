@@ -14,6 +14,11 @@ The parts (bytes on the busiest pipeline stage):
 - **logits**: the ``[T, V/TP]`` logits the log-prob op keeps (its backward writes the gradient into
   them) plus its fp32 working chunk, and the inputs of the final norm and output layer.
 
+TDPO (``layout.token_kl``, :func:`token_kl_bytes`) adds on the last stage: to **reference**, the
+replica's final hidden states ``[T, h]`` kept for every micro-batch of the step; to **logits**, one
+micro-batch's reference logits, and a gradient of the logits (the log-prob op can no longer write
+its gradient in place).
+
 Nothing here needs torch: the planner runs anywhere, GPU or not.
 """
 
@@ -150,6 +155,25 @@ def logits_bytes(shape: ModelShape, layout: Layout) -> int:
     return tokens * vocab_local * layout.param_bytes + chunk_rows * vocab_local * 4 + hidden
 
 
+def token_kl_bytes(shape: ModelShape, layout: Layout) -> tuple[int, int]:
+    """TDPO's extra bytes on the last stage: ``(kept, per micro-batch)``.
+
+    ``kept``: the reference's final hidden states ``[T, h]`` (whole over sequence parallelism) of every
+    micro-batch of the step, held from the reference's forward to each micro-batch's loss.
+    ``per micro-batch``: the recomputed ``[T, V/TP]`` reference logits (the KL keeps them for its
+    backward), the ``[T, V/TP]`` gradient of the policy's logits (the log-prob op cannot write it
+    into the logits, which the KL's backward reads), and the KL's fp32 chunk.
+    ``T`` counts every position, an upper bound of the response positions.
+    """
+    if not layout.token_kl:
+        return 0, 0
+    tokens = 2 * layout.micro_batch_size * layout.seq_length // layout.cp
+    vocab_local = padded_vocab(shape, layout.tp) // layout.tp
+    chunk_rows = max(1, min(_LOGPROB_CHUNK_BYTES // (4 * vocab_local), -(-tokens // 8)))
+    kept = layout.num_micro_batches * tokens * shape.hidden_size * layout.param_bytes
+    return kept, 2 * tokens * vocab_local * layout.param_bytes + 2 * chunk_rows * vocab_local * 4
+
+
 @dataclass
 class MemoryPlan:
     """Bytes per part on the busiest GPU, and which pipeline stage that is."""
@@ -184,6 +208,10 @@ def stage_plan(shape: ModelShape, layout: Layout, stage: int) -> MemoryPlan:
         "reference": weights if layout.ref_mode == "replica" else 0,
         "logits": logits_bytes(shape, layout) if stage == layout.pp - 1 else 0,
     }
+    if stage == layout.pp - 1:
+        kept_hidden, kl_logits = token_kl_bytes(shape, layout)
+        parts["reference"] += kept_hidden
+        parts["logits"] += kl_logits
     kept, working = stage_activation_bytes(shape, layout, stage)
     # The last stage's logits are freed (log-prob op and output layer backward) before the first
     # recomputation in backward starts: the two working sets do not add up.

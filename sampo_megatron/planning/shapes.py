@@ -73,6 +73,9 @@ class Layout:
     """Bytes per parameter and activation element: 2 (bf16/fp16) or 4 (fp32)."""
     ref_mode: str = "replica"
     """replica (a frozen copy of the policy on the same GPUs) or cache (reference log-probs on disk)."""
+    token_kl: bool = False
+    """TDPO (``--loss-type tdpo1/tdpo2``): the replica keeps its final hidden states at the response
+    positions of the step's micro-batches, and the loss recomputes one micro-batch's reference logits."""
     attention: str = "flash"
     """flash (Transformer Engine / fused attention: no seq x seq tensor kept) or local (megatron-core's
     unfused attention: the softmax output is kept)."""
@@ -97,4 +100,9 @@ class Layout:
             )
         parts += [f"fp8-{self.fp8}"] if self.fp8 else []
         parts.append(f"ref-{self.ref_mode}")
+        parts += ["token-kl"] if self.token_kl else []
         return " ".join(parts)
+
+
+TOKEN_KL_LOSSES = ("tdpo1", "tdpo2")
+"""The ``--loss-type`` values that need the per-token KL (tests check the loss registry agrees)."""

@@ -5,11 +5,13 @@ DPO's failure mode is a policy whose responses grow longer over training (Lu et 
 the training metrics show only the lengths of the *data*. The monitor generates with the policy
 (:mod:`sampo_megatron.generation`, greedy by default) and logs ``eval/length_mean``,
 ``eval/length_median``, ``eval/eos_fraction`` and, on ``--eval-data-path``, ``eval/rewards/*``
-(debiased as the run's ``--length-debias``) and ``eval/rewards_full/*`` (whole responses).
+(debiased as the run's ``--length-debias``) and ``eval/rewards_full/*`` (whole responses); for
+TDPO these are DPO's implicit rewards, without the sequential KL term.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -73,6 +75,11 @@ class VerbosityMonitor:
         self.micro_batches = self._held_out_batches(message) if ev.eval_data_path else []
         if self.micro_batches and reference is None and not LOSSES[cfg.loss.loss_type].reference_free:
             raise ValueError("held-out rewards (--eval-data-path) need the reference replica: use --ref-mode replica")
+        # TDPO's rewards add the sequential KL, which needs the reference's whole distribution: held
+        # out, its rewards are DPO's beta * log(pi / pi_ref) (the same debiasing).
+        self._reward_loss = ctx.loss
+        if LOSSES[cfg.loss.loss_type].needs_token_kl:
+            self._reward_loss = dataclasses.replace(ctx.loss, loss_type="sigmoid")
 
     def _held_out_batches(self, message) -> list[MicroBatch]:
         cfg = self.cfg
@@ -144,7 +151,7 @@ class VerbosityMonitor:
                 PreferenceInputs(
                     policy[i], batch["response_mask"], batch["sample_ids"], None if reference is None else reference[i]
                 ),
-                self.ctx.loss,
+                self._reward_loss,
                 epoch=0,
             )
             for name, values in out.metrics.items():

@@ -1,7 +1,8 @@
 """The reference model, one component with three implementations (``--ref-mode``):
 
-- :class:`NoReference`: reference-free losses (SimPO, SFT) read no reference log-probs;
-- :class:`ReplicaReference`: a frozen copy of the policy runs forward-only each step;
+- :class:`NoReference`: reference-free losses (SimPO, ORPO, SFT) read no reference log-probs;
+- :class:`ReplicaReference`: a frozen copy of the policy runs forward-only each step (for TDPO it
+  also keeps its final hidden states at the response positions: see training/step.py);
 - :class:`CachedReference`: per-token log-probs computed once per reference version, memory-mapped
   from disk (:class:`ReferenceCache`), so training holds one model.
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import MicroBatch
+from ..models.response_logits import output_weight
 from ..models.weights import initialize_deterministically
 from ..runtime.checkpointing import CheckpointContents, load_checkpoint
 from ..runtime.distributed import ParallelInfo
@@ -77,11 +79,16 @@ class ReferenceEnv:
     """``--ref-update epoch``."""
 
 
-def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext, seq_length: int) -> list[torch.Tensor] | None:
+def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext, seq_length: int,
+                       keep_hidden: bool = False) -> list | None:  # fmt: skip
     """Per-token log-probs ``[2P, S]`` of each micro-batch through a forward-only pipeline schedule.
 
+    Args:
+        keep_hidden: also keep the final hidden states at the response positions (TDPO's reference).
+
     Returns:
-        One tensor per micro-batch on the last pipeline stage, ``None`` on other stages.
+        One tensor per micro-batch on the last pipeline stage (with ``keep_hidden``: a
+        ``(log-probs, [n, 1, h] hidden states)`` pair), ``None`` on other stages.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -89,7 +96,7 @@ def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext
     iterators = [iter(micro_batches) for _ in chunks]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(reference_forward_step, ctx),
+            forward_step_func=partial(reference_forward_step, ctx, keep_hidden=keep_hidden),
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks,
             num_microbatches=len(micro_batches),
@@ -163,7 +170,7 @@ class Reference:
 
 
 class NoReference(Reference):
-    """Reference-free losses (SimPO, SFT): nothing to run, nothing to attach."""
+    """Reference-free losses (SimPO, ORPO, SFT): nothing to run, nothing to attach."""
 
 
 class ReplicaReference(Reference):
@@ -185,10 +192,19 @@ class ReplicaReference(Reference):
         self.source = ReferenceSource("saved")
 
     def attach(self, micro_batches: list[MicroBatch]) -> None:
-        outputs = forward_only_logps(self.chunks, micro_batches, self.env.ctx, self.env.seq_length)
-        if outputs is not None:
-            for batch, logps in zip(micro_batches, outputs):
-                batch["ref_logps"] = logps
+        ctx = self.env.ctx
+        outputs = forward_only_logps(self.chunks, micro_batches, ctx, self.env.seq_length, keep_hidden=ctx.token_kl)
+        if outputs is None:
+            return
+        for batch, output in zip(micro_batches, outputs):
+            if ctx.token_kl:
+                batch["ref_logps"], batch["ref_hidden"] = output
+            else:
+                batch["ref_logps"] = output
+
+    def output_weight(self) -> torch.Tensor:
+        """The replica's output weight on the last pipeline stage (TDPO recomputes its logits)."""
+        return output_weight(self.chunks[-1])
 
 
 class CachedReference(Reference):

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..data import MicroBatch
 from ..losses import LossConfig, PreferenceInputs, RunningMean, preference_loss
-from ..models.response_logits import select_output_positions
-from ..ops import vocab_parallel_logprobs
+from ..models.response_logits import keep_output_input, select_output_positions
+from ..ops import vocab_parallel_kl, vocab_parallel_logprobs
 
 
 @dataclass
@@ -32,6 +34,15 @@ class StepContext:
     """Context-parallel group: the micro-batch holds this rank's slice of each sequence."""
     response_logits_only: bool = False
     """Project through the output layer only the positions whose target is a response token."""
+    ref_output_weight: Callable[[], torch.Tensor] | None = None
+    """TDPO: the reference's ``[V/TP, h]`` output weight. The loss then needs the per-token
+    ``KL(pi_ref || pi_theta)``: the reference's forward keeps its final hidden states at the response
+    positions (``ref_hidden``) and the policy's loss projects them through this weight, one
+    micro-batch at a time."""
+
+    @property
+    def token_kl(self) -> bool:
+        return self.ref_output_weight is not None
 
 
 def _model_logits(ctx: StepContext, batch: MicroBatch, model) -> tuple[torch.Tensor, bool]:
@@ -58,14 +69,41 @@ def token_logprobs(
     labels = batch["labels"]
     if not compact:
         return vocab_parallel_logprobs(logits, labels, ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size)
-    seq_pos, row = batch["response_mask"].t().nonzero(as_tuple=True)  # the compact logits' [s, b] order
-    compact = vocab_parallel_logprobs(
+    seq_pos, row = _response_positions(batch)
+    values = vocab_parallel_logprobs(
         logits.reshape(-1, logits.shape[-1]), labels[row, seq_pos], ctx.tp_group,
         inplace_backward=inplace_backward, vocab_size=ctx.vocab_size,
     )  # fmt: skip
-    # A contiguous [2P, S] result, laid out as the full-logit path's (sums then add in the same order).
-    rows, cols = labels.shape
-    return compact.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, compact).view(rows, cols)
+    return _scatter_to_rows(values, batch)
+
+
+def _response_positions(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence position, row)`` of each response position, in the compact logits' ``[s, b]`` order."""
+    return batch["response_mask"].t().nonzero(as_tuple=True)
+
+
+def _scatter_to_rows(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+    """``[n]`` values at the response positions -> ``[2P, S]``, zeros elsewhere: a contiguous result,
+    laid out as the full-logit path's (sums then add in the same order)."""
+    seq_pos, row = _response_positions(batch)
+    rows, cols = batch["labels"].shape
+    return values.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, values).view(rows, cols)
+
+
+def token_kl(batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool) -> torch.Tensor:
+    """``[2P, S]`` per-token ``KL(pi_ref || pi_theta)`` at the response positions (zeros elsewhere),
+    over the real vocabulary (TDPO, Zeng et al. 2024, Eq. 4).
+
+    The reference's logits are recomputed here from its kept final hidden states ``ref_hidden``
+    (``[n, 1, h]``) and its output weight: ``[n, V/TP]`` for this micro-batch only.
+    """
+    seq_pos, row = _response_positions(batch)
+    vocab_local = logits.shape[-1]
+    policy = logits.reshape(-1, vocab_local) if compact else logits[row, seq_pos]
+    ref_logits = F.linear(batch["ref_hidden"].reshape(-1, batch["ref_hidden"].shape[-1]), ctx.ref_output_weight())
+    if ref_logits.shape != policy.shape:
+        raise ValueError(f"reference logits {tuple(ref_logits.shape)} and policy logits {tuple(policy.shape)} differ")
+    return _scatter_to_rows(vocab_parallel_kl(ref_logits, policy, ctx.tp_group, vocab_size=ctx.vocab_size), batch)
 
 
 def policy_forward_step(ctx: StepContext, epoch: int, data_iterator, model):
@@ -76,11 +114,13 @@ def policy_forward_step(ctx: StepContext, epoch: int, data_iterator, model):
 
 
 def _policy_loss(ctx: StepContext, epoch: int, batch: MicroBatch, compact: bool, logits: torch.Tensor):
-    # The logits are not needed after this op, so its backward may overwrite them with the gradient.
-    logps = token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=True)
+    # Unless TDPO's KL reads them too, the logits are not needed after this op, so its backward may
+    # overwrite them with the gradient.
+    logps = token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=not ctx.token_kl)
+    kl = token_kl(batch, logits, ctx, compact=compact) if ctx.token_kl else None
     out = preference_loss(
         PreferenceInputs(
-            logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps"),
+            logps, batch["response_mask"], batch["sample_ids"], batch.get("ref_logps"), token_kl=kl,
             response_index=batch.get("response_index"),
         ),
         ctx.loss,
@@ -95,12 +135,18 @@ def _policy_loss(ctx: StepContext, epoch: int, batch: MicroBatch, compact: bool,
     return loss, {"sums": sums, "pairs": out.losses.numel()}
 
 
-def reference_forward_step(ctx: StepContext, data_iterator, model):
-    """Forward-only pass of the reference: collects per-token log-probs (``non_loss_data``)."""
+def reference_forward_step(ctx: StepContext, data_iterator, model, keep_hidden: bool = False):
+    """Forward-only pass of the reference: collects per-token log-probs (``non_loss_data``), and with
+    ``keep_hidden`` (TDPO) also the final hidden states at the response positions."""
     batch = next(data_iterator)
+    kept = keep_output_input(model) if keep_hidden else None
     logits, compact = _model_logits(ctx, batch, model)
-    return logits, partial(_reference_logps, ctx, batch, compact)
+    if kept is not None and not compact:
+        raise RuntimeError("keeping the reference's hidden states needs --response-logits-only")
+    return logits, partial(_reference_logps, ctx, batch, compact, kept)
 
 
-def _reference_logps(ctx: StepContext, batch: MicroBatch, compact: bool, logits: torch.Tensor, non_loss_data: bool = True):
-    return token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=False).detach()
+def _reference_logps(ctx: StepContext, batch: MicroBatch, compact: bool, kept: list | None, logits: torch.Tensor,
+                     non_loss_data: bool = True):  # fmt: skip
+    logps = token_logprobs(batch, logits, ctx, compact=compact, inplace_backward=False).detach()
+    return logps if kept is None else (logps, kept[0])

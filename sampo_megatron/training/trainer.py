@@ -84,6 +84,8 @@ class Trainer:
         self.state, self.resumed_from = begin.state, begin.resumed_from
         self.reference = self._make_reference(vocab_padded)
         self.reference.restore(self.resumed_from)
+        if LOSSES[cfg.loss.loss_type].needs_token_kl:  # TDPO (validation allows only the replica)
+            self.ctx.ref_output_weight = self.reference.output_weight
         self.logger = MetricsLogger(
             par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
         )
