@@ -52,6 +52,7 @@ setup(
             "sampo-generate = sampo_megatron.cli.generate:main",
             "sampo-preprocess = sampo_megatron.cli.preprocess:main",
             "sampo-plan = sampo_megatron.cli.plan:main",
+            "sampo-length-report = sampo_megatron.cli.length_report:main",
         ]
     },
 )

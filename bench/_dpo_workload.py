@@ -80,7 +80,9 @@ def build_pairs(work: Workload) -> list[dict]:
         a, b = sorted(int(x) for x in rng.integers(work.min_response, work.max_response + 1, size=2))
         longer, shorter = (b, a)
         chosen_n, rejected_n = (longer, shorter) if rng.random() < work.chosen_longer_fraction else (shorter, longer)
-        records.append({"prompt": text(work.prompt_tokens - 1), "chosen": " " + text(chosen_n), "rejected": " " + text(rejected_n)})
+        records.append(
+            {"prompt": text(work.prompt_tokens - 1), "chosen": " " + text(chosen_n), "rejected": " " + text(rejected_n)}
+        )
     return records
 
 

@@ -85,9 +85,7 @@ def main() -> None:
     cfg = parse_config(trainer_flags(paths, work, args.ref_mode, args.steps, args.micro_batch, args.global_batch) + args.extra)
     trainer = Trainer(cfg)
     checksum = weights_checksum(trainer.chunks)
-    token_ids = {
-        str(p.sample_id): [p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in trainer.feed.batches.dataset.pairs
-    }
+    token_ids = {str(p.sample_id): [p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in trainer.feed.batches.dataset.pairs}
     order = [[p.sample_id for p in trainer.feed.batches.batch_at(s)[1]] for s in range(args.steps)]
     step_ends, steps = [], []
     start = time.perf_counter()
@@ -102,12 +100,20 @@ def main() -> None:
         "step_ends_s": step_ends,
         "steps": steps,
         "order": order,
-        "tokens_per_step": [sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.feed.batches.batch_at(s)[1]) for s in range(args.steps)],
+        "tokens_per_step": [
+            sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in trainer.feed.batches.batch_at(s)[1])
+            for s in range(args.steps)
+        ],
         "token_ids": token_ids,
         "weights": checksum,
         "optimizer": {
-            "name": "adamw", "lr": tr.lr, "betas": [tr.adam_beta1, tr.adam_beta2], "eps": tr.adam_eps,
-            "weight_decay": tr.weight_decay, "schedule": tr.lr_decay_style, "warmup_steps": int(tr.lr_warmup_fraction * args.steps),
+            "name": "adamw",
+            "lr": tr.lr,
+            "betas": [tr.adam_beta1, tr.adam_beta2],
+            "eps": tr.adam_eps,
+            "weight_decay": tr.weight_decay,
+            "schedule": tr.lr_decay_style,
+            "warmup_steps": int(tr.lr_warmup_fraction * args.steps),
             "max_grad_norm": tr.clip_grad,
         },  # fmt: skip
         "micro_batch": args.micro_batch,

@@ -114,9 +114,7 @@ def main() -> None:
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepClock()]
     )
     prepared = trainer.train_dataset
-    token_ids = {
-        str(row["sample_id"]): [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]] for row in prepared
-    }
+    token_ids = {str(row["sample_id"]): [row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]] for row in prepared}
     trainer.train()
     opt = trainer.optimizer
     group = opt.param_groups[0]
@@ -135,9 +133,13 @@ def main() -> None:
         "token_ids": token_ids,
         "weights": checksum,
         "optimizer": {
-            "name": type(getattr(opt, "optimizer", opt)).__name__.lower(), "lr": config.learning_rate,
-            "betas": list(group["betas"]), "eps": group["eps"], "weight_decay": group["weight_decay"],
-            "schedule": str(config.lr_scheduler_type).split(".")[-1].lower(), "warmup_steps": config.warmup_steps,
+            "name": type(getattr(opt, "optimizer", opt)).__name__.lower(),
+            "lr": config.learning_rate,
+            "betas": list(group["betas"]),
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "schedule": str(config.lr_scheduler_type).split(".")[-1].lower(),
+            "warmup_steps": config.warmup_steps,
             "max_grad_norm": config.max_grad_norm,
         },  # fmt: skip
         "batch": args.batch,

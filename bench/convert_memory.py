@@ -122,7 +122,9 @@ def _child(direction: str, src: str, dst: str) -> None:
 def measure(direction: str, src: str, dst: str) -> dict:
     """Run one conversion in a fresh process; its peak RSS."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", direction, src, dst], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", direction, src, dst], stdout=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{direction} failed ({proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -239,7 +239,9 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
 
-    report["logprob_op"] = logprob_op(seq if cuda else 64, shape.vocab_size, torch.bfloat16 if cuda else torch.float32, device, 5 if cuda else 2)
+    report["logprob_op"] = logprob_op(
+        seq if cuda else 64, shape.vocab_size, torch.bfloat16 if cuda else torch.float32, device, 5 if cuda else 2
+    )
     report["logprob_op"]["shape"] = [2, seq, shape.vocab_size]
 
     report["fp8_vs_bf16"] = fp8_vs_bf16(shape, seq, device, args) if cuda else {"skipped": "CPU smoke: FP8 needs a GPU"}

@@ -76,8 +76,11 @@ def main() -> None:
             result.update(pairs=best["pairs"], tokens=best["tokens"])
     if 1 in args.workers and 2 in args.workers:
         result["speedup_2_vs_1"] = round(result["tokens_per_s_2_workers"] / result["tokens_per_s_1_workers"], 3)
-    result.update(input=args.input or f"tiny pairs x {args.records}", tokenizer=os.path.relpath(args.tokenizer_model),
-                  load_average_1min=os.getloadavg()[0])
+    result.update(
+        input=args.input or f"tiny pairs x {args.records}",
+        tokenizer=os.path.relpath(args.tokenizer_model),
+        load_average_1min=os.getloadavg()[0],
+    )
     print_result(result)
 
 

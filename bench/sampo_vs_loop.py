@@ -77,7 +77,9 @@ def make_inputs(pairs: int, seq: int, gen: torch.Generator):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=25, help="rounds; each variant keeps its best (ms-scale timings need many)")
+    parser.add_argument(
+        "--repeats", type=int, default=25, help="rounds; each variant keeps its best (ms-scale timings need many)"
+    )
     parser.add_argument("--shapes", default="8x512,8x4096,64x512,64x4096", help="PAIRSxTOKENS,...")
     args = parser.parse_args()
 
@@ -102,7 +104,9 @@ def main() -> None:
         # Same expected value: with equal lengths the draws keep everything, so the losses agree.
         equal = mask.clone()
         equal[pairs:] = equal[:pairs]
-        same = torch.allclose(loop_loss(policy0, ref, equal), ours_loss(policy0, ref, equal, sample_ids, "independent"), rtol=1e-4, atol=1e-6)
+        same = torch.allclose(
+            loop_loss(policy0, ref, equal), ours_loss(policy0, ref, equal, sample_ids, "independent"), rtol=1e-4, atol=1e-6
+        )
         for fn in variants.values():
             timed(fn)  # warm-up
         best = {name: float("inf") for name in variants}

@@ -87,7 +87,10 @@ def agreement(ours: dict, trl: dict) -> dict:
         {"ours": w_o, "trl": w_t},
     ]
     mismatched = [k for k in trl["token_ids"] if trl["token_ids"][k] != ours["token_ids"].get(k)]
-    checks["same_token_ids"] = [not mismatched and len(trl["token_ids"]) == len(ours["token_ids"]), {"mismatched_pairs": mismatched[:5]}]
+    checks["same_token_ids"] = [
+        not mismatched and len(trl["token_ids"]) == len(ours["token_ids"]),
+        {"mismatched_pairs": mismatched[:5]},
+    ]
     checks["same_data_order"] = [ours["order"] == trl["order"], {"first_step": [ours["order"][0], trl["order"][0]]}]
     opt_o, opt_t = ours["optimizer"], trl["optimizer"]
     checks["same_optimizer"] = [opt_o == opt_t, {"ours": opt_o, "trl": opt_t}]
@@ -98,7 +101,10 @@ def agreement(ours: dict, trl: dict) -> dict:
     checks["first_step_logps_1e-5"] = [worst <= LOGPS_RTOL, {"max_rel_diff": worst, **first}]
     losses = [[s["loss"] for s in side["steps"]] for side in (ours, trl)]
     worst = max(rel_diff(a, b) for a, b in zip(*losses))
-    checks["step_losses_1e-4"] = [worst <= LOSS_RTOL and len(losses[0]) == len(losses[1]), {"max_rel_diff": worst, "ours": losses[0], "trl": losses[1]}]
+    checks["step_losses_1e-4"] = [
+        worst <= LOSS_RTOL and len(losses[0]) == len(losses[1]),
+        {"max_rel_diff": worst, "ours": losses[0], "trl": losses[1]},
+    ]
     return checks
 
 
@@ -144,7 +150,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         common = ["--work-dir", str(work_dir), "--ref-mode", mode, "--steps", str(steps)]
         print(f"[{mode}] TRL DPOTrainer ...", flush=True)
-        trl = run_side("_trl_side.py", [*common, "--order", ",".join(map(str, order))], work_dir / f"trl_{mode}.json", args.threads, target)
+        trl = run_side(
+            "_trl_side.py", [*common, "--order", ",".join(map(str, order))], work_dir / f"trl_{mode}.json", args.threads, target
+        )
         print(f"[{mode}] sampo-megatron ...", flush=True)
         ours = run_side("_ours_side.py", common, work_dir / f"ours_{mode}.json", args.threads)
         checks = agreement(ours, trl)

@@ -164,6 +164,12 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
             p.append("--load is required: the checkpoint to generate from")
         if par.context_parallel_size > 1:
             p.append("generation does not support --context-parallel-size > 1")
+    if par.num_layers_per_virtual_pipeline_stage and (
+        purpose == "generate" or (purpose == "train" and ev.eval_interval and ev.eval_prompts)
+    ):
+        p.append("generation runs one micro-batch per step, which megatron-core's interleaved pipeline schedule does not allow: "
+                 + ("drop --num-layers-per-virtual-pipeline-stage (the checkpoint reshards)" if purpose == "generate"
+                    else "the verbosity monitor's --eval-prompts need a layout without --num-layers-per-virtual-pipeline-stage"))  # fmt: skip
     return p
 
 

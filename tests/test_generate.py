@@ -137,9 +137,67 @@ def _hf_greedy(hf_dir) -> list[dict]:
 
 
 def test_greedy_generation_is_the_same_at_tp1_tp2_pp2_and_equals_hugging_face(converted):
+    """With megatron-core's key/value cache (the default) and without it (--no-kv-cache)."""
     tp1 = _generate(converted, "tp1", 1)
     tp2 = _generate(converted, "tp2", 2, "--tensor-model-parallel-size", "2", "--generation-batch-size", "2")
     pp2 = _generate(converted, "pp2", 2, "--pipeline-model-parallel-size", "2")
     assert [r["prompt"] for r in tp1] == PROMPTS
     assert tp2 == tp1 and pp2 == tp1
     assert [{k: v for k, v in r.items() if k != "prompt"} for r in tp1] == _hf_greedy(converted / "hf")
+    for name, nproc, flags in (("tp1", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
+                               ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):  # fmt: skip
+        assert _generate(converted, f"{name}_no_cache", nproc, "--no-kv-cache", *flags) == tp1, name
+
+
+def test_sampled_generation_is_the_same_with_and_without_the_cache(converted):
+    """A row's k-th token takes draw k on both paths, although with the cache rows of a batch start
+    generating at different steps (prompts of different lengths)."""
+    sampling = ["--temperature", "0.9", "--top-p", "0.95", "--generation-seed", "5"]
+    cached = _generate(converted, "sampled", 1, *sampling)
+    assert cached == _generate(converted, "sampled_no_cache", 1, "--no-kv-cache", *sampling)
+    assert cached != _generate(converted, "tp1_greedy", 1)
+
+
+def test_alpaca_eval_and_mt_bench_exports(converted):
+    """AlpacaEval's model outputs against a written-out expected file; MT-Bench answers whose second
+    turn is generated from the conversation with the model's own first answer."""
+    plain = _generate(converted, "tp1_plain", 1)
+    eval_set = converted / "alpaca_eval_set.json"
+    eval_set.write_text(
+        json.dumps([{"instruction": p, "output": "", "generator": "gpt4", "dataset": "helpful_base"} for p in PROMPTS])
+    )
+    out = converted / "alpaca_outputs.json"
+    run_torchrun(REPO_ROOT / "tools" / "generate.py", 1, "--load", str(converted / "ckpt"), "--prompts", str(eval_set),
+                 "--output", str(out), "--max-new-tokens", str(MAX_NEW), "--seq-length", "64", "--output-format", "alpaca_eval",
+                 "--generator", "tiny-sampo")  # fmt: skip
+    expected = [{"instruction": p, "output": r["response"], "generator": "tiny-sampo", "dataset": "helpful_base"}
+                for p, r in zip(PROMPTS, plain)]  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written == expected
+    assert all(isinstance(r[k], str) for r in written for k in ("instruction", "output", "generator"))
+
+    questions = converted / "question.jsonl"
+    turns = [["What is the opposite of fast?", "And of slow?"], ["Name a day of the week.", "Another one?"]]
+    questions.write_text(
+        "".join(json.dumps({"question_id": 81 + i, "category": "writing", "turns": t}) + "\n" for i, t in enumerate(turns))
+    )
+    answers_file = converted / "mt_bench_answers.jsonl"
+    run_torchrun(REPO_ROOT / "tools" / "generate.py", 1, "--load", str(converted / "ckpt"), "--prompts", str(questions),
+                 "--output", str(answers_file), "--max-new-tokens", str(MAX_NEW), "--seq-length", "64", "--output-format", "mt_bench",
+                 "--generator", "tiny-sampo")  # fmt: skip
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [81, 82] and all(a["model_id"] == "tiny-sampo" for a in answers)
+    assert all(isinstance(a["answer_id"], str) and isinstance(a["tstamp"], float) for a in answers)
+    first = [a["choices"][0]["turns"][0] for a in answers]
+    second = [a["choices"][0]["turns"][1] for a in answers]
+    # both turns generated here from the explicit conversations (chat messages, as MT-Bench renders them)
+    conversations = converted / "conversations.jsonl"
+    user = [[{"role": "user", "content": t[0]}] for t in turns]
+    follow_up = [
+        [*u, {"role": "assistant", "content": a}, {"role": "user", "content": t[1]}] for u, a, t in zip(user, first, turns)
+    ]
+    conversations.write_text("".join(json.dumps({"prompt": m}) + "\n" for m in user + follow_up))
+    explicit = converted / "explicit.jsonl"
+    run_torchrun(REPO_ROOT / "tools" / "generate.py", 1, "--load", str(converted / "ckpt"), "--prompts", str(conversations),
+                 "--output", str(explicit), "--max-new-tokens", str(MAX_NEW), "--seq-length", "64")  # fmt: skip
+    assert first + second == [json.loads(x)["response"] for x in explicit.read_text().splitlines()]

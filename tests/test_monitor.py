@@ -47,6 +47,16 @@ def test_monitor_logs_lengths_and_rewards_at_the_interval(tmp_path):
     # Policy == reference before the first step: every implicit reward is exactly zero.
     assert all(evals[0][f"eval/{p}/{side}"] == 0.0 for p in ("rewards", "rewards_full") for side in ("chosen", "rejected"))
     assert evals[4]["eval/rewards_full/chosen"] != 0.0 and evals[4]["eval/rewards_full/rejected"] != 0.0
+    # the long/short view (its values against float64: tests/test_evaluation.py)
+    held_out_pairs = [json.loads(line) for line in lines[-8:]]
+    assert evals[0]["eval/pairs_chosen_longer"] + evals[0]["eval/pairs_chosen_shorter"] <= len(held_out_pairs)
+    for p in ("rewards", "rewards_full"):
+        assert f"eval/{p}/margin_length_corr" not in evals[0]  # all margins 0: undefined, left out
+        assert -1.0 <= evals[4][f"eval/{p}/margin_length_corr"] <= 1.0
+        for group in ("chosen_longer", "chosen_shorter"):
+            if evals[0][f"eval/pairs_{group}"]:
+                assert evals[0][f"eval/{p}/accuracies_{group}"] == 0.0 and evals[0][f"eval/{p}/margins_{group}"] == 0.0
+                assert 0.0 <= evals[4][f"eval/{p}/accuracies_{group}"] <= 1.0
 
     out = tmp_path / "generate.jsonl"
     run_torchrun(REPO_ROOT / "tools" / "generate.py", 1, "--load", str(save), "--prompts", str(prompts), "--output", str(out),

@@ -154,3 +154,14 @@ def test_a_bad_loss_setting_is_one_line_without_a_traceback():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["error: invalid configuration: --length-debias ld_dpo needs --ld-alpha "
                                                 "(the weight in [0, 1] of the tokens past the public prefix)"]  # fmt: skip
+
+
+def test_generation_refuses_an_interleaved_pipeline_with_the_reason():
+    vpp = [*TINY, "--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+    problems = config_problems(parse_config([*vpp, "--load", "ckpt"]), world_size=2, purpose="generate")
+    assert any("drop --num-layers-per-virtual-pipeline-stage (the checkpoint reshards)" in p for p in problems), problems
+    with_monitor = parse_config([*vpp, "--eval-interval", "5", "--eval-prompts", str(TINY[1])])
+    assert any(
+        "the verbosity monitor's --eval-prompts need a layout without" in p for p in config_problems(with_monitor, world_size=2)
+    )
+    assert not any("interleaved" in p for p in config_problems(parse_config(vpp), world_size=2))  # training alone is fine

@@ -9,6 +9,18 @@ a ``prompt`` field (a string or chat messages) or a text file with one prompt pe
 model / parallel / tokenizer flag of ``launch/pretrain_sampo.py`` is accepted (``--seq-length``
 bounds prompt + response); the checkpoint's ``sampo_model.json`` sets the architecture and tokenizer.
 With data parallelism (more processes than TP x PP) the prompts are dealt over the replicas.
+
+For standard evaluators (docs/evaluation.md), ``--output-format``:
+
+- ``alpaca_eval``: AlpacaEval's model-outputs JSON, a list of ``{"instruction", "output",
+  "generator"}`` (plus ``dataset`` when the prompt record has one); ``--prompts`` may be AlpacaEval's
+  own evaluation set (a JSON list with ``instruction``) or JSONL with ``instruction`` or ``prompt``.
+- ``mt_bench``: MT-Bench answers (FastChat's ``model_answer/<model>.jsonl``: ``question_id``,
+  ``answer_id``, ``model_id``, ``choices: [{"index": 0, "turns": [...]}]``, ``tstamp``) for
+  MT-Bench's ``question.jsonl`` (``question_id``, ``turns``). Turn ``k`` is generated from the
+  conversation so far, the model's own earlier answers included, rendered by ``--prompt-template``.
+
+``--generator`` names the model in both (default: the name of the ``--load`` directory).
 """
 
 from __future__ import annotations
@@ -33,6 +45,18 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for sampling")
     parser.add_argument("--generation-seed", type=int, default=1234, help="seed of the sampling draws")
     parser.add_argument("--generation-batch-size", type=int, default=16, help="prompts decoded together")
+    parser.add_argument(
+        "--output-format",
+        choices=["jsonl", "alpaca_eval", "mt_bench"],
+        default="jsonl",
+        help="jsonl: one record per prompt; alpaca_eval: AlpacaEval's model outputs; mt_bench: MT-Bench answers",
+    )
+    parser.add_argument(
+        "--generator", default=None, help="model name written by alpaca_eval / mt_bench (default: the --load directory's name)"
+    )
+    parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                        help="re-run the whole sequence for every new token instead of megatron-core's key/value cache "
+                             "(for comparison; sequence parallelism always decodes this way)")  # fmt: skip
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         from sampo_megatron.config import build_parser
 
@@ -46,41 +70,66 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
     from sampo_megatron.config import parse_config
-    from sampo_megatron.generation import GenerationConfig, encode_prompts, generate_sharded, read_prompts
+    from sampo_megatron.generation import GenerationConfig, encode_prompts, generate_sharded
+    from sampo_megatron.generation.exports import alpaca_eval_records, answer_turns, mt_bench_records, read_eval_prompts
     from sampo_megatron.generation.loading import close_distributed, load_for_generation
 
-    cfg = parse_config(rest)
-    prompts = read_prompts(args.prompts)
-    chunks, tokenizer, vocab_size = load_for_generation(cfg)
-    gen = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.generation_seed, args.generation_batch_size)
+    from .train import exit_with, user_errors
+
+    try:  # input problems: one line naming the file / flag, not a traceback per rank
+        cfg = parse_config(rest)
+        records = read_eval_prompts(args.prompts, args.output_format)
+    except (FileNotFoundError, ValueError) as err:
+        exit_with(err)
+    try:
+        chunks, tokenizer, vocab_size = load_for_generation(cfg)
+    except user_errors() as err:
+        exit_with(err)
+    gen = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.generation_seed, args.generation_batch_size,
+                           kv_cache=args.kv_cache)  # fmt: skip
+    generator = args.generator or os.path.basename(os.path.normpath(cfg.checkpoint.load))
     import torch.distributed as dist
 
     rank0 = dist.get_rank() == 0
+
+    def respond(prompts: list) -> list:
+        return generate_sharded(
+            chunks, encode_prompts(prompts, tokenizer, cfg.data.prompt_template), gen, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, vocab_size=vocab_size, max_length=cfg.training.seq_length,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )  # fmt: skip
+
     if rank0:
         print(
-            f"generating for {len(prompts)} prompts (max {gen.max_new_tokens} new tokens, "
-            f"{'greedy' if gen.temperature == 0 else f'temperature {gen.temperature}, top-p {gen.top_p}'}) ...",
+            f"generating for {len(records)} prompts (max {gen.max_new_tokens} new tokens, "
+            f"{'greedy' if gen.temperature == 0 else f'temperature {gen.temperature}, top-p {gen.top_p}'}"
+            f"{'' if gen.kv_cache else ', no key/value cache'}) ...",
             flush=True,
         )
     start = time.perf_counter()
-    results = generate_sharded(
-        chunks, encode_prompts(prompts, tokenizer, cfg.data.prompt_template), gen, eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id, vocab_size=vocab_size, max_length=cfg.training.seq_length,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )  # fmt: skip
+    if args.output_format == "mt_bench":
+        answers, results = answer_turns(records, respond, tokenizer.decode)
+        output = mt_bench_records(records, answers, generator)
+    else:
+        results = respond([r["prompt"] for r in records])
+        responses = [tokenizer.decode(g.response_ids) for g in results]
+        if args.output_format == "alpaca_eval":
+            output = alpaca_eval_records(records, responses, generator)
+        else:
+            output = [{"prompt": r["prompt"], "response": text, "num_tokens": g.num_tokens, "stopped_at_eos": g.stopped_at_eos}
+                      for r, text, g in zip(records, responses, results)]  # fmt: skip
     if rank0:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
-            for prompt, g in zip(prompts, results):
-                record = {
-                    "prompt": prompt,
-                    "response": tokenizer.decode(g.response_ids),
-                    "num_tokens": g.num_tokens,
-                    "stopped_at_eos": g.stopped_at_eos,
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if args.output_format == "alpaca_eval":
+                json.dump(output, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            else:
+                for record in output:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
         tokens = sum(g.num_tokens for g in results)
         print(
-            f"wrote {len(results)} responses ({tokens} tokens, {time.perf_counter() - start:.1f} s) to {args.output}", flush=True
+            f"wrote {len(output)} {args.output_format} records ({tokens} tokens, {time.perf_counter() - start:.1f} s) to {args.output}",
+            flush=True,
         )
     close_distributed()

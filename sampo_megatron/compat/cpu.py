@@ -32,7 +32,8 @@ Exercised by ``tests/test_cpu_compat.py``: TP, PP, TPxPP, tied embeddings, megat
 fully parallel ``torch_dist`` checkpoint save/load; and by ``tests/test_trainer.py``: the bf16
 optimizer (``Float16OptimizerWithFloat16Params``) and distributed-optimizer checkpoints with save
 and resume. The fp16 dynamic grad scaler is patched too (overflow check, all-reduce and scaler state
-run on CPU). Not patched (they still need CUDA): CUDA graphs, inference KV caches, several
+run on CPU). Generation's key/value cache (``StaticInferenceContext``) is allocated on the CPU.
+Not patched (they still need CUDA): CUDA graphs, several
 distributed-optimizer instances (CUDA streams), async checkpoint save (``async_utils.py``).
 On gloo, interleaved pipelines need ``batch_p2p_comm=False`` (the batched path gave wrong
 gradients, see docs/compatibility.md); that is a config choice, not a
@@ -248,6 +249,13 @@ _SHIMMED_MODULES: tuple[ShimmedModule, ...] = (
         "DistributedOptimizer state buffers on current_device()",
         (_CURRENT_DEVICE,),
         {"0.16": "distrib_optimizer.py:791,1077", "0.19": "distrib_optimizer.py:998,1362"},
+    ),
+    ShimmedModule(
+        "megatron.core.transformer.attention",
+        "Attention._allocate_memory puts the static key/value cache of generation on current_device(); "
+        "0.19 allocates an inference softmax offset on it too",
+        (_CURRENT_DEVICE,),
+        {"0.16": "transformer/attention.py:430", "0.19": "transformer/attention.py:530,846"},
     ),
     ShimmedModule(
         "megatron.core.transformer.utils",

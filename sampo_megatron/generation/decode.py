@@ -4,11 +4,20 @@ Rows are right-padded. Causal attention means a row's logits at its last real po
 the padding after it, so rows of different lengths share one batch without an attention mask, and
 a row's output does not depend on the other rows. Each step:
 
-1. every stage runs megatron-core's forward-only schedule over the batch cut to the longest row;
+1. every stage runs megatron-core's forward-only schedule (see below for what it is fed);
 2. the last stage takes each row's logits at its last position, gathers the vocabulary shards over
    TP, and picks the next token (:func:`~.sampling.select_next_tokens`; all TP ranks hold the same
    logits and draws, so they pick the same tokens);
 3. the tokens are broadcast from the last stage to the other stages of its pipeline.
+
+With the key/value cache (the default, megatron-core's ``StaticInferenceContext``), the first
+forward runs the prompts' common length ``L = min prompt length`` and every later one a single
+position for the whole batch: each layer appends that position's keys and values to its cache and
+attends over the cache. Rows whose prompt is longer than the position being fed are still reading
+their prompt (the token at the next position is the prompt's own); the others generate. A row's
+``k``-th new token uses the draw of step ``k`` either way, so sampled outputs are the same with and
+without the cache. Without it (``--no-kv-cache``, and with sequence parallelism, which cannot split a
+one-position step over TP ranks) every step re-runs the batch cut to its longest row: O(n^2).
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ class GenerationConfig:
     """Seed of the sampling draws."""
     batch_size: int = 16
     """Prompts decoded together."""
+    kv_cache: bool = True
+    """Decode with megatron-core's key/value cache (one position per step) instead of re-running
+    the whole sequence for every new token."""
 
 
 @dataclass
@@ -67,34 +79,60 @@ def _last_position_logits(last: torch.Tensor, logits: torch.Tensor, non_loss_dat
     return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
 
 
-def _next_logits(chunks, tokens: torch.Tensor, lengths: torch.Tensor, sequence_parallel: bool) -> torch.Tensor | None:
-    """Full-vocabulary logits ``[B, V_padded]`` at each row's last token, on the last stage (else None)."""
-    from megatron.core import parallel_state, tensor_parallel
+def _forward_only(chunks, forward_step_func, tokens: torch.Tensor, start: int, **extra) -> torch.Tensor | None:
+    """One forward-only pipeline pass over ``tokens`` (positions ``start..``); the collected output of
+    the last stage (else None)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    # sequence parallelism splits the sequence over TP ranks
-    multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
-    width = padded_length(int(lengths.max()), tokens.shape[1], multiple)
-    batch = {
-        "tokens": tokens[:, :width].contiguous(),
-        "position_ids": torch.arange(width, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1).contiguous(),
-        "last": lengths - 1,
-    }
-    iterators = [iter([batch]) for _ in chunks]
+    rows, width = tokens.shape
+    positions = torch.arange(start, start + width, device=tokens.device).unsqueeze(0).expand(rows, -1).contiguous()
+    iterators = [iter([{"tokens": tokens.contiguous(), "position_ids": positions, **extra}]) for _ in chunks]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step_func,
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks,
             num_microbatches=1,
             seq_length=width,
-            micro_batch_size=tokens.shape[0],
+            micro_batch_size=rows,
             forward_only=True,
             collect_non_loss_data=True,
         )
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0])
+    return outputs[0] if parallel_state.is_pipeline_last_stage() else None
+
+
+def _next_logits(chunks, tokens: torch.Tensor, lengths: torch.Tensor, sequence_parallel: bool) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[B, V_padded]`` at each row's last token, on the last stage (else None)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    # sequence parallelism splits the sequence over TP ranks
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    width = padded_length(int(lengths.max()), tokens.shape[1], multiple)
+    logits = _forward_only(chunks, _forward_step, tokens[:, :width], 0, last=lengths - 1)
+    return None if logits is None else tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def _cached_forward_step(inference_context, data_iterator, model):
+    batch = next(data_iterator)
+    # megatron-core's inference path gathers the vocabulary shards itself (runtime_gather_output)
+    logits = model(batch["tokens"], batch["position_ids"], None, inference_context=inference_context, runtime_gather_output=True)
+    return logits, _cached_last_logits
+
+
+def _cached_last_logits(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+    # With the cache megatron-core projects only the last fed position: logits [b, 1, V].
+    return logits[:, -1].float()
+
+
+def _cached_next_logits(chunks, tokens: torch.Tensor, start: int, inference_context) -> torch.Tensor | None:
+    """Feed ``tokens[:, start:]`` (positions ``start..``) after the cached ones; full-vocabulary logits
+    ``[B, V_padded]`` at the last fed position on the last stage (else None). Advances the cache."""
+    if inference_context.sequence_len_offset != start:
+        raise RuntimeError(f"the key/value cache holds {inference_context.sequence_len_offset} positions, expected {start}")
+    logits = _forward_only(chunks, partial(_cached_forward_step, inference_context), tokens[:, start:], start)
+    inference_context.sequence_len_offset = tokens.shape[1]
+    return logits
 
 
 def _broadcast_from_last_stage(values: torch.Tensor) -> torch.Tensor:
@@ -118,6 +156,7 @@ def _generate_batch(chunks, prompts, indices, cfg, *, eos_id, pad_id, vocab_size
     device = _device()
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+    prompt_lengths = lengths.clone()
     width = min(max_length, int(lengths.max()) + cfg.max_new_tokens)
     tokens = torch.full((batch, width), pad_id, dtype=torch.int64, device=device)
     for row, ids in enumerate(prompts):
@@ -126,24 +165,36 @@ def _generate_batch(chunks, prompts, indices, cfg, *, eos_id, pad_id, vocab_size
     prompt_indices = torch.tensor(indices, dtype=torch.int64, device=device)
     done = lengths >= limits
     stopped_at_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-    step = 0
+    cache = None
+    if cfg.kv_cache and not sequence_parallel:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        cache = StaticInferenceContext(max_batch_size=batch, max_sequence_length=width)
+    fed, position = 0, int(lengths.min())  # positions in the cache; the next one to predict
     while not bool(done.all()):
-        logits = _next_logits(chunks, tokens, lengths, sequence_parallel)
+        if cache is None:
+            logits = _next_logits(chunks, tokens, lengths, sequence_parallel)
+            generating = ~done
+        else:
+            logits = _cached_next_logits(chunks, tokens[:, :position], fed, cache)
+            fed = position
+            # rows still inside their prompt read it; the others predict `position` (= their length)
+            generating = ~done & (prompt_lengths <= position)
         next_tokens = torch.empty(batch, dtype=torch.int64, device=device)
         if logits is not None:
-            uniforms = uniform_draws(cfg.seed, prompt_indices, step) if cfg.temperature > 0 else None
+            # a row's k-th new token takes draw k
+            uniforms = uniform_draws(cfg.seed, prompt_indices, lengths - prompt_lengths) if cfg.temperature > 0 else None
             next_tokens = select_next_tokens(logits[:, :vocab_size], cfg.temperature, cfg.top_p, uniforms)
         next_tokens = _broadcast_from_last_stage(next_tokens)
-        active = ~done
-        rows = active.nonzero().squeeze(-1)
+        rows = generating.nonzero().squeeze(-1)
         is_eos = next_tokens == eos_id
         # EOS ends a row without being written; any other token is appended.
         write = rows[~is_eos[rows]]
         tokens[write, lengths[write]] = next_tokens[write]
         lengths[write] += 1
-        stopped_at_eos |= active & is_eos
-        done = done | (active & is_eos) | (lengths >= limits)
-        step += 1
+        stopped_at_eos |= generating & is_eos
+        done = done | (generating & is_eos) | (lengths >= limits)
+        position += 1
     results = []
     for row, ids in enumerate(prompts):
         response = tokens[row, len(ids) : int(lengths[row])].tolist()

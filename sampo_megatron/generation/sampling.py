@@ -13,7 +13,7 @@ from ..sampling.hashing import hash_combine, mix32
 _TWO_POW_32 = float(2**32)
 
 
-def uniform_draws(seed: int, prompt_indices: torch.Tensor, step: int) -> torch.Tensor:
+def uniform_draws(seed: int, prompt_indices: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """One uniform number in ``[0, 1)`` per prompt for decoding step ``step``.
 
     ``u = hash(seed, prompt index, step) / 2**32`` with the counter-based 32-bit hash of
@@ -23,7 +23,8 @@ def uniform_draws(seed: int, prompt_indices: torch.Tensor, step: int) -> torch.T
     Args:
         seed: generation seed.
         prompt_indices: ``[B]`` int64 index of each row's prompt in the whole prompt set.
-        step: index of the token being generated (0 for the first new token).
+        step: index of the token being generated (0 for the first new token); one for all rows,
+            or ``[B]`` int64, one per row.
 
     Returns:
         ``[B]`` float64.

@@ -28,6 +28,9 @@ _CONSOLE = (
     ("eval/length_mean", "eval_len", "{:.1f}"),
     ("eval/rewards/margins", "eval_margins", "{:+.4f}"),
     ("eval/rewards_full/margins", "eval_margins_full", "{:+.4f}"),
+    ("eval/rewards_full/accuracies_chosen_longer", "eval_acc_longer", "{:.2f}"),
+    ("eval/rewards_full/accuracies_chosen_shorter", "eval_acc_shorter", "{:.2f}"),
+    ("eval/rewards_full/margin_length_corr", "eval_margin_len_corr", "{:+.3f}"),
 )
 
 

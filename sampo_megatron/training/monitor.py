@@ -6,7 +6,11 @@ the training metrics show only the lengths of the *data*. The monitor generates 
 (:mod:`sampo_megatron.generation`, greedy by default) and logs ``eval/length_mean``,
 ``eval/length_median``, ``eval/eos_fraction`` and, on ``--eval-data-path``, ``eval/rewards/*``
 (debiased as the run's ``--length-debias``) and ``eval/rewards_full/*`` (whole responses); for
-TDPO these are DPO's implicit rewards, without the sequential KL term.
+TDPO these are DPO's implicit rewards, without the sequential KL term. The held-out rewards are
+also split by length (:mod:`sampo_megatron.evaluation.stratified`): accuracy and mean margin where
+the chosen response is the longer / the shorter one (``eval/<rewards>/accuracies_chosen_longer``,
+``..._chosen_shorter``, ``margins_...``) and the correlation of the margin with the length
+difference (``eval/<rewards>/margin_length_corr``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import DataOptions, MicroBatch, collate_pairs, load_pairs
+from ..evaluation import length_stratified
 from ..generation import GenerationConfig, encode_prompts, generate_sharded, read_prompts
 from ..losses import LOSSES, PreferenceInputs, preference_loss
 from ..runtime.distributed import ParallelInfo
@@ -145,6 +150,7 @@ class VerbosityMonitor:
         if policy is None:  # not the last pipeline stage
             return {}
         sums: dict[str, float] = {}
+        per_pair: dict[str, list[torch.Tensor]] = {}
         pairs = 0
         for i, batch in enumerate(self.micro_batches):
             out = preference_loss(
@@ -157,5 +163,15 @@ class VerbosityMonitor:
             for name, values in out.metrics.items():
                 if name.split("/")[0] in _REWARD_METRICS or name.startswith("logps_full/"):
                     sums[f"eval/{name}"] = sums.get(f"eval/{name}", 0.0) + float(values.double().sum())
+                per_pair.setdefault(name, []).append(values.detach().double().cpu())
             pairs += out.losses.numel()
-        return {name: total / pairs for name, total in sums.items()}
+        metrics = {name: total / pairs for name, total in sums.items()}
+        # the long/short view (evaluation/stratified.py), on the debiased and the whole-response rewards
+        pair_values = {name: torch.cat(values).numpy() for name, values in per_pair.items()}
+        for prefix in _REWARD_METRICS:
+            split = length_stratified(
+                pair_values[f"{prefix}/margins"], pair_values["lengths/chosen"], pair_values["lengths/rejected"]
+            )
+            metrics.update({f"eval/{prefix}/{name}": value for name, value in split.items() if not name.startswith("pairs_")})
+        metrics.update({f"eval/{name}": value for name, value in split.items() if name.startswith("pairs_")})
+        return metrics
