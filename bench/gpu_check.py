@@ -84,6 +84,10 @@ class PolicyAndReference:
         padded = padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, 1)
         self.policy = wrap_ddp(cfg, self.config, build_chunks(cfg, padded, self.config))[0]
         self.reference = build_chunks(cfg, padded, frozen=True)[0]
+        # the reference starts as a copy of the policy (as in training): the first loss is log 2
+        from sampo_megatron.training.reference import copy_weights
+
+        copy_weights([self.policy], [self.reference])
         self.optimizer = build_optimizer(cfg, self.config, [self.policy])
         self.vocab = shape.vocab_size
         # One pair: chosen row, rejected row; the second half of each row is the response.
@@ -138,16 +142,18 @@ def sync(device):
 
 
 def time_steps(runner: PolicyAndReference, warmup: int, steps: int, device) -> tuple[list[float], float]:
-    for _ in range(warmup):
-        loss = runner.step()
+    """Step times after ``warmup`` steps, and the first step's loss (log 2: policy == reference)."""
+    first = runner.step()
+    for _ in range(warmup - 1):
+        runner.step()
     times = []
     for _ in range(steps):
         sync(device)
         start = time.perf_counter()
-        loss = runner.step()
+        runner.step()
         sync(device)
         times.append(time.perf_counter() - start)
-    return times, loss
+    return times, first
 
 
 def logprob_op(seq: int, vocab: int, dtype, device, repeats: int) -> dict:
@@ -230,7 +236,7 @@ def main() -> None:
     peak = peak_flops(report["device"]) if cuda else None
     report["bf16_policy_reference"] = {
         "model": name, "seq_length": seq, "pairs_per_step": 1, "recompute": "full uniform 1",
-        "step_s_median": step_s, "step_s_all": times, "loss": loss,
+        "step_s_median": step_s, "step_s_all": times, "first_step_loss": loss,
         "model_tflops_per_s": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None,
         "planner_predicted_gib": plan.total / GIB,
         "measured_peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
@@ -264,7 +270,7 @@ def fp8_vs_bf16(shape: ModelShape, seq: int, device, args) -> dict:
         try:
             runner = PolicyAndReference(shape, training, "transformer_engine", seq, device)
             times, loss = time_steps(runner, args.warmup, args.steps, device)
-            out[label] = {"step_s_median": statistics.median(times), "loss": loss}
+            out[label] = {"step_s_median": statistics.median(times), "first_step_loss": loss}
             del runner
             torch.cuda.empty_cache()
         except Exception as err:  # report, and keep the BF16 results

@@ -306,5 +306,9 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         )
         chunk.vp_stage = stage
         _cast_float32_params(chunk, config.params_dtype)
+        if torch.cuda.is_available():
+            # As megatron's get_model: modules that allocate outside megatron's device logic (the
+            # local spec's torch norms) start on the CPU; the optimizer and DDP need every parameter here.
+            chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
