@@ -37,6 +37,22 @@ class Workload:
     chosen_longer_fraction: float = 0.6
     max_length: int = 512
     seed: int = 0
+    length_distribution: str = "uniform"
+    """Response lengths: uniform in [min_response, max_response], or lognormal (median
+    ``lognormal_median``, sigma 1, clipped to that range: a long tail, as real preference data)."""
+    lognormal_median: int = 150
+
+
+def response_lengths(work: Workload, rng: np.random.Generator) -> tuple[int, int]:
+    """``(longer, shorter)`` response lengths of one pair."""
+    if work.length_distribution == "uniform":
+        a, b = sorted(int(x) for x in rng.integers(work.min_response, work.max_response + 1, size=2))
+    elif work.length_distribution == "lognormal":
+        drawn = rng.lognormal(np.log(work.lognormal_median), 1.0, size=2)
+        a, b = sorted(int(np.clip(round(x), work.min_response, work.max_response)) for x in drawn)
+    else:
+        raise ValueError(f"unknown length_distribution {work.length_distribution!r}")
+    return b, a
 
 
 def _words(vocab_size: int) -> list[str]:
@@ -77,8 +93,7 @@ def build_pairs(work: Workload) -> list[dict]:
 
     records = []
     for _ in range(work.pairs):
-        a, b = sorted(int(x) for x in rng.integers(work.min_response, work.max_response + 1, size=2))
-        longer, shorter = (b, a)
+        longer, shorter = response_lengths(work, rng)
         chosen_n, rejected_n = (longer, shorter) if rng.random() < work.chosen_longer_fraction else (shorter, longer)
         records.append(
             {"prompt": text(work.prompt_tokens - 1), "chosen": " " + text(chosen_n), "rejected": " " + text(rejected_n)}

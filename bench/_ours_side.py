@@ -92,7 +92,8 @@ def main() -> None:
     for step in range(args.steps):
         metrics = trainer.train_step(step)
         step_ends.append(time.perf_counter() - start)
-        steps.append({k: metrics[k] for k in ("loss", "logps/chosen", "logps/rejected", "lr", "grad_norm", "step_time_s")})
+        keys = ("loss", "logps/chosen", "logps/rejected", "lr", "grad_norm", "step_time_s", "padding_fraction", "pack/sequences_per_row")
+        steps.append({k: metrics[k] for k in keys})
     tr = cfg.training
     result = {
         "side": "sampo-megatron",

@@ -73,3 +73,32 @@ def machine() -> dict:
 def print_result(result: dict) -> None:
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(result, sort_keys=True))
+
+
+def in_rounds(sides: dict, rounds: int, log=print) -> dict[str, list]:
+    """Run each side once per round, alternating (A, B, A, B, ...), so that a load spike on the
+    machine falls on both sides rather than on one.
+
+    Args:
+        sides: name -> a function of the round index returning that run's result.
+        rounds: how many times each side runs.
+
+    Returns:
+        name -> the results of its runs, in round order.
+    """
+    results: dict[str, list] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, run in sides.items():
+            log(f"round {r + 1}/{rounds}: {name} ...", flush=True)
+            results[name].append(run(r))
+    return results
+
+
+def ratio_summary(numerators: list[float], denominators: list[float]) -> dict:
+    """Per-round ratios (round ``r``'s numerator over round ``r``'s denominator), their median and
+    spread (min, max)."""
+    ratios = sorted(n / d for n, d in zip(numerators, denominators))
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return {"median": round(median, 3), "min": round(ratios[0], 3), "max": round(ratios[-1], 3),
+            "per_round": [round(n / d, 3) for n, d in zip(numerators, denominators)]}  # fmt: skip

@@ -4,7 +4,8 @@ Two parts, both in this run:
 
 1. Ablation: the same steps with the trainer's speed-ups switched off one at a time (each variant in
    its own subprocess, ``_ours_side.py``): padding to ``--seq-length`` and full logits (the trainer
-   before this change), ``--variable-seq-lengths`` alone, both (the default). Seconds per step over
+   before this change), ``--variable-seq-lengths`` alone, megatron-core's unfused attention
+   (``--local-attention megatron``), all on (the default). Seconds per step over
    the steps after ``--warmup``.
 2. ``torch.profiler`` over one step of the default configuration: self CPU time grouped by what it
    belongs to (output layer and log-probs, attention, other matmuls, optimizer, ...), and the top ops.
@@ -30,11 +31,13 @@ from _util import machine, print_result
 VARIANTS = {
     "fixed_padding_full_logits": ["--no-variable-seq-lengths", "--no-response-logits-only"],
     "variable_padding_full_logits": ["--no-response-logits-only"],
+    "megatron_attention": ["--local-attention", "megatron"],
     "variable_padding_response_logits": [],
 }
 # Op name -> group; the first matching substring wins.
 GROUPS = [
     ("_VocabParallelLogProbs", "log-probs op"),
+    ("scaled_dot_product", "attention (SDPA)"),
     ("bmm", "attention (bmm, softmax)"),
     ("softmax", "attention (bmm, softmax)"),
     ("adam", "optimizer"),
@@ -44,6 +47,8 @@ GROUPS = [
     ("rms", "norms"),
     ("pow", "norms"),
     ("silu", "activations"),
+    ("aten::cos", "rotary (cos, sin)"),
+    ("aten::sin", "rotary (cos, sin)"),
     ("mul", "elementwise"),
     ("add", "elementwise"),
     ("copy", "copies"),

@@ -11,7 +11,11 @@ minimise the mean loss over the 4 pairs of a step.
 
 Each side runs in its own subprocess (its peak RSS is its own), first with a reference forward every
 step (TRL's ``ref_model``, our ``--ref-mode replica``), then with precomputed reference log-probs
-(TRL's ``precompute_ref_log_probs``, our ``--ref-mode cache``). Before the timings count, the run
+(TRL's ``precompute_ref_log_probs``, our ``--ref-mode cache``). Ours runs twice per round: as is
+and with ``--pack-sequences`` (TRL unpacked: its ``padding_free`` needs flash-attention, a GPU).
+The sides alternate in rounds (TRL, ours, ours packed, TRL, ...; ``--rounds``, default 3), so a
+load spike on the machine falls on every side; each ratio is the median of the per-round ratios,
+reported with its spread (min, max). Before the timings count, the run
 checks that both sides computed the same thing: same weights (sum and sum of squares of all
 parameters), same token ids, same data order, same optimizer settings and learning rates; the first
 step's summed policy log-probs of chosen and rejected (TRL's ``logps/chosen``, ``logps/rejected``)
@@ -23,8 +27,9 @@ subprocess has them on its path; the project's own environment is left as it is.
 
     python bench/vs_trl.py [--work-dir DIR] [--modes replica,cache] [--threads 2]
 
-The last line is one JSON object: per mode, each side's pairs/s, tokens/s and peak RSS, and
-``ratio_pairs_per_s`` (ours / TRL) and ``ratio_peak_rss`` (ours / TRL).
+The last line is one JSON object: per mode, each side's pairs/s, tokens/s and peak RSS per round,
+and the medians ``ratio_pairs_per_s`` (ours / TRL), ``packed_ratio_pairs_per_s`` (ours packed /
+TRL) and ``ratio_peak_rss`` (ours / TRL), each with its spread.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from _dpo_workload import REPO, Workload, build
-from _util import machine, print_result
+from _util import in_rounds, machine, print_result, ratio_summary
 
 TRL_PINS = ["trl==1.16.0", "accelerate==1.15.0"]
 WARMUP_STEPS, TIMED_STEPS = 2, 10
@@ -67,7 +72,8 @@ def ensure_trl() -> Path:
 def run_side(script: str, args: list[str], out: Path, threads: int, extra_path: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [str(p) for p in (extra_path, REPO) if p is not None] + [os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).parent / script), *args, "--out", str(out), "--threads", str(threads)]
+    # --out and --threads first: our side's --extra takes every argument after it
+    cmd = [sys.executable, str(Path(__file__).parent / script), "--out", str(out), "--threads", str(threads), *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
@@ -128,6 +134,7 @@ def main() -> None:
     parser.add_argument("--work-dir", help="where the workload is generated (reused if present); default: a temporary directory")
     parser.add_argument("--modes", default="replica,cache", help="reference modes to compare: replica, cache or both")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating TRL, ours, ours packed")
     args = parser.parse_args()
 
     work = Workload()
@@ -145,28 +152,43 @@ def main() -> None:
 
     # Both sides see pairs in the order our trainer uses for epoch 0 (the run is exactly one epoch).
     order = PairDataset(list(range(work.pairs)), work.seed).epoch_order(0)
-    result = {"bench": "vs_trl", "workload": asdict(work), "warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS}
+    result = {"bench": "vs_trl", "workload": asdict(work), "warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS,
+              "rounds": args.rounds}  # fmt: skip
     all_passed = True
     for mode in args.modes.split(","):
         common = ["--work-dir", str(work_dir), "--ref-mode", mode, "--steps", str(steps)]
-        print(f"[{mode}] TRL DPOTrainer ...", flush=True)
-        trl = run_side(
-            "_trl_side.py", [*common, "--order", ",".join(map(str, order))], work_dir / f"trl_{mode}.json", args.threads, target
-        )
-        print(f"[{mode}] sampo-megatron ...", flush=True)
-        ours = run_side("_ours_side.py", common, work_dir / f"ours_{mode}.json", args.threads)
+        sides = {
+            "trl": lambda r: run_side("_trl_side.py", [*common, "--order", ",".join(map(str, order))],
+                                      work_dir / f"trl_{mode}_{r}.json", args.threads, target),
+            "ours": lambda r: run_side("_ours_side.py", common, work_dir / f"ours_{mode}_{r}.json", args.threads),
+            "ours_packed": lambda r: run_side("_ours_side.py", [*common, "--extra", "--pack-sequences"],
+                                              work_dir / f"ours_packed_{mode}_{r}.json", args.threads),
+        }  # fmt: skip
+        runs = in_rounds(sides, args.rounds, log=lambda text, **kw: print(f"[{mode}] {text}", **kw))
+        trl, ours = runs["trl"][0], runs["ours"][0]
         checks = agreement(ours, trl)
+        packed_checks = agreement(runs["ours_packed"][0], trl)
+        checks["packed_step_losses_1e-4"] = packed_checks["step_losses_1e-4"]
         passed = all(ok for ok, _ in checks.values())
         all_passed &= passed
-        t_ours, t_trl = throughput(ours), throughput(trl)
+        timings = {name: [throughput(run) for run in side_runs] for name, side_runs in runs.items()}
         for name, (ok, detail) in checks.items():
             print(f"[{mode}] check {name}: {'ok' if ok else 'FAILED'} {json.dumps(detail)[:300]}", flush=True)
-        print(f"[{mode}] TRL {t_trl} | ours {t_ours}", flush=True)
+        for name, per_round in timings.items():
+            print(f"[{mode}] {name}: {per_round}", flush=True)
+        pairs_per_s = {name: [t["pairs_per_s"] for t in per_round] for name, per_round in timings.items()}
+        ratio = ratio_summary(pairs_per_s["ours"], pairs_per_s["trl"])
+        packed_ratio = ratio_summary(pairs_per_s["ours_packed"], pairs_per_s["trl"])
+        rss = ratio_summary([t["peak_rss_gb"] for t in timings["ours"]], [t["peak_rss_gb"] for t in timings["trl"]])
         result[mode] = {
-            "trl": t_trl,
-            "ours": t_ours,
-            "ratio_pairs_per_s": round(t_ours["pairs_per_s"] / t_trl["pairs_per_s"], 3),
-            "ratio_peak_rss": round(t_ours["peak_rss_gb"] / t_trl["peak_rss_gb"], 3),
+            "trl": timings["trl"],
+            "ours": timings["ours"],
+            "ours_packed": timings["ours_packed"],
+            "ratio_pairs_per_s": ratio["median"],
+            "ratio_spread": ratio,
+            "packed_ratio_pairs_per_s": packed_ratio["median"],
+            "packed_ratio_spread": packed_ratio,
+            "ratio_peak_rss": rss["median"],
             "checks_passed": passed,
             "checks": {name: ok for name, (ok, _) in checks.items()},
             "first_step_logps_max_rel_diff": checks["first_step_logps_1e-5"][1]["max_rel_diff"],

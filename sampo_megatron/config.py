@@ -57,6 +57,9 @@ class ModelConfig:
     """Standard deviation of the random initialisation (when no checkpoint is loaded)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (megatron-core, CPU and GPU) or transformer_engine (GPU)."""
+    local_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of the local spec: sdpa (torch's scaled_dot_product_attention; needed by
+    --pack-sequences) or megatron (megatron-core's unfused DotProductAttention)."""
     vocab_size: int | None = None
     """Vocabulary of the model (embedding rows before TP padding); default: the tokenizer's size."""
     kv_channels: int | None = None
@@ -151,6 +154,10 @@ class TrainingConfig:
     """Pad each micro-batch only to its longest sequence (rounded up to a multiple of 8, of the TP
     size with --sequence-parallel and of 2 x CP) instead of --seq-length; pipeline-parallel runs
     (PP > 1) always pad to --seq-length."""
+    pack_sequences: bool = False
+    """Lay the sequences of several whole pairs end to end in micro-batches of 2 x
+    --micro-batch-size x --seq-length tokens (THD, attention confined to each sequence) instead of
+    padding each sequence: the same per-pair losses with little padding (docs/packing.md)."""
     response_logits_only: bool = True
     """Project through the output layer only the positions whose target is a response token (no
     logits at prompt or padding positions)."""

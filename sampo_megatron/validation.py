@@ -140,6 +140,9 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
     elif tr.recompute_granularity == "selective" and tr.recompute_num_layers is not None:
         p.append("--recompute-granularity selective takes no --recompute-num-layers")
 
+    if tr.pack_sequences:
+        p.extend(packing_problems(cfg))
+
     # what the purpose needs
     if purpose == "train":
         if d.data_path is None:
@@ -215,3 +218,17 @@ def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer, architecture, 
             f"their ids differ (fingerprints {tokenizer.fingerprint()} and {own.fingerprint()}). Leave the flag out to use "
             "the checkpoint's own tokenizer."
         )
+
+
+def packing_problems(cfg: RunConfig) -> list[str]:
+    """Why ``--pack-sequences`` cannot run with ``cfg``."""
+    m, par = cfg.model, cfg.parallel
+    p = []
+    if m.transformer_impl == "local" and m.local_attention != "sdpa":
+        p.append("--pack-sequences needs --local-attention sdpa (megatron-core's local attention refuses packed sequences)")
+    if par.context_parallel_size > 1:
+        p.append("--pack-sequences does not support --context-parallel-size > 1 yet")
+    if par.num_layers_per_virtual_pipeline_stage:
+        p.append("--pack-sequences gives each step a varying number of micro-batches, which megatron-core's interleaved "
+                 "pipeline schedule does not allow: drop --num-layers-per-virtual-pipeline-stage")  # fmt: skip
+    return p

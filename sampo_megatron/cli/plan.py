@@ -24,7 +24,7 @@ from sampo_megatron.planning import (
     search_layouts,
 )
 from sampo_megatron.planning.memory import GIB
-from sampo_megatron.planning.shapes import TOKEN_KL_LOSSES
+from sampo_megatron.planning.shapes import TOKEN_KL_LOSSES, attention_kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--transformer-impl",
         choices=["transformer_engine", "local"],
         default="transformer_engine",
-        help="attention: fused/flash (transformer_engine) or unfused (local, keeps the softmax)",
+        help="layer implementation; attention keeps no softmax output except with --local-attention megatron",
     )
+    p.add_argument("--local-attention", choices=["sdpa", "megatron"], default="sdpa",
+                   help="core attention of the local spec: sdpa (fused) or megatron (unfused, keeps the softmax)")  # fmt: skip
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
     p.add_argument("--search", action="store_true", help="list the layouts of --world-size GPUs that fit")
     return p
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         recompute_num_layers=args.recompute_num_layers, fp8=args.fp8_format,
         bf16_layers=args.num_layers_at_start_in_bf16 + args.num_layers_at_end_in_bf16 if args.first_last_layers_bf16 else 0,
         param_bytes=2 if args.bf16 else 4, ref_mode=args.ref_mode, token_kl=args.loss_type in TOKEN_KL_LOSSES,
-        attention="flash" if args.transformer_impl == "transformer_engine" else "local",
+        attention=attention_kind(args.transformer_impl, args.local_attention),
     )  # fmt: skip
     if args.search:
         plans = search_layouts(shape, layout, world, min(args.gpus_per_node, world), args.gpu_memory_gib)

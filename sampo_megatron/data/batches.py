@@ -12,6 +12,7 @@ from typing import Required, TypedDict, TypeVar
 import numpy as np
 import torch
 
+from .packing import collate_packed, pack_pairs, pair_tokens
 from .pairs import PreferencePair
 
 T = TypeVar("T")
@@ -78,6 +79,17 @@ class MicroBatch(TypedDict, total=False):
     response_index: torch.Tensor
     """[2P, S] int64: position inside the response over the whole sequence (-1 elsewhere); set before
     a context-parallel split, so the down-sampling draw sees whole responses."""
+    # A packed micro-batch (data/packing.py): the model's fields above are one row ``[1, C]`` of
+    # sequences laid end to end; the loss's (``response_mask``, ``ref_logps``) stay ``[2P, S]``.
+    cu_seqlens: torch.Tensor
+    """[n + 1] int32: where each packed sequence starts (THD)."""
+    packed_response_mask: torch.Tensor
+    """[1, C] bool: ``response_mask`` in the packed row."""
+    packed_index: torch.Tensor
+    """[2P, S] int64: where each position of the loss's rows sits in the packed row (-1: none)."""
+    loss_scale: torch.Tensor
+    """0-d float: the packed micro-batch's loss is ``sum of pair losses x loss_scale`` (the pairs per
+    micro-batch vary, so a mean per micro-batch would weight pairs unequally)."""
 
 
 def padded_length(longest: int, seq_length: int, pad_to_multiple_of: int | None) -> int:
@@ -198,11 +210,14 @@ class PairBatches:
         pad_id: Padding id for :meth:`micro_batches`.
         pad_to_multiple_of: Pad each micro-batch only to its longest sequence, rounded up to this
             multiple (see :func:`collate_pairs`); None pads every micro-batch to ``seq_length``.
+        pack_capacity: Pack each rank's pairs of a step into micro-batches of this many tokens
+            (data/packing.py) instead of ``micro_batch_size`` pairs each; None: no packing.
     """
 
     def __init__(
-        self, dataset: PairDataset, global_batch_size: int, seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
-    ) -> None:
+        self, dataset: PairDataset, global_batch_size: int, seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None,
+        pack_capacity: int | None = None,
+    ) -> None:  # fmt: skip
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if len(dataset) < global_batch_size:
@@ -212,6 +227,7 @@ class PairBatches:
         self.seq_length = seq_length
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack_capacity = pack_capacity
         # One-entry cache: steps are usually asked in order, and a permutation costs O(N).
         self._cached: tuple[int, list[int]] | None = None
 
@@ -234,8 +250,45 @@ class PairBatches:
         order = self._order(epoch)[start : start + self.global_batch_size]
         return epoch, [self.dataset[i] for i in order]
 
-    def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> tuple[int, list[MicroBatch]]:
-        """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :func:`split_for_rank`."""
+    def micro_batch_pairs(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> tuple[int, list[list[PreferencePair]]]:
+        """``(epoch, the pairs of each micro-batch)`` of this DP rank for ``step``: see
+        :func:`split_for_rank`; packed, this rank's pairs of the step in first-fit-decreasing packs."""
         epoch, pairs = self.batch_at(step)
         parts = split_for_rank(pairs, dp_rank, dp_size, micro_batch_size)
-        return epoch, [collate_pairs(p, self.seq_length, self.pad_id, self.pad_to_multiple_of) for p in parts]
+        if self.pack_capacity is not None:
+            parts = pack_pairs([pair for part in parts for pair in part], self.pack_capacity)
+        return epoch, parts
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> tuple[int, list[MicroBatch]]:
+        """``(epoch, collated micro-batches)`` of this DP rank for ``step``; see :meth:`micro_batch_pairs`."""
+        epoch, parts = self.micro_batch_pairs(step, dp_rank, dp_size, micro_batch_size)
+        if self.pack_capacity is None:
+            return epoch, [collate_pairs(p, self.seq_length, self.pad_id, self.pad_to_multiple_of) for p in parts]
+        batches = [collate_packed(p, self._packed_width(p), self.pad_id) for p in parts]
+        # mean over micro-batches (the schedule) and over DP ranks (the gradient all-reduce) of
+        # sum(losses) x scale = the mean over the global batch's pairs
+        scale = torch.tensor(dp_size * len(batches) / self.global_batch_size)
+        for batch in batches:
+            batch["loss_scale"] = scale
+        return epoch, batches
+
+    def _packed_width(self, pairs: list[PreferencePair]) -> int:
+        return padded_length(sum(pair_tokens(p) for p in pairs), self.pack_capacity, self.pad_to_multiple_of)
+
+    def padding_stats(self, step: int, dp_size: int, micro_batch_size: int) -> dict[str, float]:
+        """Over the whole step (every DP rank): ``padding_fraction``, the share of the positions the
+        model computes that are padding, and ``pack/sequences_per_row`` (1 without packing)."""
+        positions = real = sequences = rows = 0
+        for rank in range(dp_size):
+            _, parts = self.micro_batch_pairs(step, rank, dp_size, micro_batch_size)
+            for part in parts:
+                real += sum(pair_tokens(p) for p in part)
+                sequences += 2 * len(part)
+                if self.pack_capacity is not None:
+                    positions += self._packed_width(part)
+                    rows += 1
+                else:
+                    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in part)
+                    positions += 2 * len(part) * padded_length(longest, self.seq_length, self.pad_to_multiple_of)
+                    rows += 2 * len(part)
+        return {"padding_fraction": 1.0 - real / positions, "pack/sequences_per_row": sequences / rows}

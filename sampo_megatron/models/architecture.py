@@ -29,7 +29,7 @@ ARCHITECTURE_FILE = "sampo_model.json"
 FORMAT = "sampo-megatron-model"
 VERSION = 1
 # ModelConfig fields that are choices of a run, not properties of the weights.
-_RUN_FIELDS = frozenset({"transformer_impl", "init_method_std"})
+_RUN_FIELDS = frozenset({"transformer_impl", "local_attention", "init_method_std"})
 
 
 def architecture_fields() -> list[str]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
 from ..planning.shapes import padded_vocab_size  # noqa: F401  (the rule; models import it from here)
+from .attention import SDPACoreAttention
 
 
 def model_vocab_sizes(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -> tuple[int, int]:
@@ -183,8 +184,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
 
 
 def layer_spec(model: ModelConfig):
-    """Transformer Engine spec when asked for (GPU), megatron-core's local spec otherwise; with
-    ``parallel_residual`` its layer is :class:`ParallelResidualTransformerLayer`."""
+    """Transformer Engine spec when asked for (GPU), megatron-core's local spec otherwise (with
+    :class:`~sampo_megatron.models.attention.SDPACoreAttention` unless ``--local-attention
+    megatron``); with ``parallel_residual`` its layer is :class:`ParallelResidualTransformerLayer`."""
     spec = _base_layer_spec(model)
     if model.parallel_residual:
         from .parallel_residual import ParallelResidualTransformerLayer
@@ -206,7 +208,20 @@ def _base_layer_spec(model: ModelConfig):
                 "--transformer-impl transformer_engine needs Transformer Engine: pip install 'sampo-megatron[gpu]'"
             ) from err
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    if model.local_attention == "megatron":
+        return spec
+    return _with_core_attention(spec, SDPACoreAttention)
+
+
+def _with_core_attention(spec, core_attention):
+    """``spec`` with its self-attention's ``core_attention`` replaced (a module without parameters:
+    checkpoints are unchanged)."""
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core_attention)
+    )
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
 class SequenceParallelTorchNorm:

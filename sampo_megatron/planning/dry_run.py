@@ -8,7 +8,7 @@ from typing import Mapping
 
 from .memory import format_plan, plan_memory
 from .presets import shape_from_model_config
-from .shapes import TOKEN_KL_LOSSES, Layout, ModelShape
+from .shapes import TOKEN_KL_LOSSES, Layout, ModelShape, attention_kind
 
 
 def layout_from_config(cfg, world_size: int) -> Layout:
@@ -38,7 +38,7 @@ def layout_from_config(cfg, world_size: int) -> Layout:
         param_bytes=2 if (tr.bf16 or tr.fp16) else 4,
         ref_mode=cfg.reference.ref_mode,
         token_kl=cfg.loss.loss_type in TOKEN_KL_LOSSES,
-        attention="flash" if cfg.model.transformer_impl == "transformer_engine" else "local",
+        attention=attention_kind(cfg.model.transformer_impl, cfg.model.local_attention),
     )
 
 

@@ -77,8 +77,8 @@ class Layout:
     """TDPO (``--loss-type tdpo1/tdpo2``): the replica keeps its final hidden states at the response
     positions of the step's micro-batches, and the loss recomputes one micro-batch's reference logits."""
     attention: str = "flash"
-    """flash (Transformer Engine / fused attention: no seq x seq tensor kept) or local (megatron-core's
-    unfused attention: the softmax output is kept)."""
+    """flash (Transformer Engine, or the local spec's SDPA attention: no seq x seq tensor kept) or
+    local (megatron-core's unfused DotProductAttention: the softmax output is kept)."""
 
     @property
     def world_size(self) -> int:
@@ -106,3 +106,8 @@ class Layout:
 
 TOKEN_KL_LOSSES = ("tdpo1", "tdpo2")
 """The ``--loss-type`` values that need the per-token KL (tests check the loss registry agrees)."""
+
+
+def attention_kind(transformer_impl: str, local_attention: str) -> str:
+    """:attr:`Layout.attention` of a run: ``local`` only for megatron-core's unfused attention."""
+    return "local" if transformer_impl == "local" and local_attention == "megatron" else "flash"

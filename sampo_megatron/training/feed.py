@@ -61,8 +61,9 @@ class StepFeed:
         self.par = par
         self.micro_batch_size = tr.micro_batch_size
         self.num_pairs = len(pairs)
+        pack_capacity = 2 * tr.micro_batch_size * tr.seq_length if tr.pack_sequences else None
         self.batches = PairBatches(PairDataset(pairs, tr.seed), tr.global_batch_size, tr.seq_length, tokenizer.pad_id,
-                                   pad_to_multiple_of=pad_multiple(cfg))  # fmt: skip
+                                   pad_to_multiple_of=pad_multiple(cfg), pack_capacity=pack_capacity)  # fmt: skip
         self.train_iters = tr.train_iters if tr.train_iters is not None else tr.train_epochs * self.batches.steps_per_epoch
         # What a resume compares besides the flags (training/run_config.py).
         self.derived = {
@@ -90,7 +91,18 @@ class StepFeed:
                 slice_for_context_parallel(batch)
         return epoch, micro_batches
 
+    def padding_stats(self, step: int) -> dict[str, float]:
+        """``padding_fraction`` and ``pack/sequences_per_row`` of global step ``step`` (data/batches.py)."""
+        return self.batches.padding_stats(step, self.par.dp_size, self.micro_batch_size)
+
     def tokens_of_step(self, step: int) -> tuple[int, int]:
         """``(pairs, tokens)`` of global step ``step`` (both responses with their prompt)."""
         _, pairs = self.batches.batch_at(step)
         return len(pairs), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def schedule_seq_length(micro_batches: list[MicroBatch], seq_length: int) -> int:
+    """The sequence length megatron-core's schedule sends between pipeline stages: ``seq_length``,
+    or a packed micro-batch's row width."""
+    first = micro_batches[0]
+    return first["tokens"].shape[1] if "cu_seqlens" in first else seq_length

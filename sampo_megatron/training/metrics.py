@@ -24,6 +24,8 @@ _CONSOLE = (
     ("grad_norm", "grad_norm", "{:.4f}"),
     ("pairs_per_s", "pairs/s", "{:.2f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("padding_fraction", "padding", "{:.3f}"),
+    ("pack/sequences_per_row", "seqs/row", "{:.2f}"),
     # the verbosity monitor's steps (training/monitor.py)
     ("eval/length_mean", "eval_len", "{:.1f}"),
     ("eval/rewards/margins", "eval_margins", "{:+.4f}"),

@@ -32,6 +32,7 @@ from ..models.response_logits import output_weight
 from ..models.weights import initialize_deterministically
 from ..runtime.checkpointing import CheckpointContents, load_checkpoint
 from ..runtime.distributed import ParallelInfo
+from .feed import schedule_seq_length
 from .step import StepContext, reference_forward_step
 
 
@@ -100,7 +101,7 @@ def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks,
             num_microbatches=len(micro_batches),
-            seq_length=seq_length,
+            seq_length=schedule_seq_length(micro_batches, seq_length),
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=True,
             collect_non_loss_data=True,
@@ -247,7 +248,8 @@ class CachedReference(Reference):
             return
         cp = self.env.par.cp_size
         for batch in micro_batches:
-            width = batch["tokens"].shape[1] * cp  # the whole sequence; each CP rank holds 1/cp of it
+            # the loss's rows, whole (each CP rank holds 1/cp of each sequence)
+            width = batch["response_mask"].shape[1] * cp
             ref_logps = self.cache.lookup(self.version, batch["sample_ids"], width).to(batch["tokens"].device)
             if cp > 1:
                 from megatron.core.utils import get_batch_on_this_cp_rank

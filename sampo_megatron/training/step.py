@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import MicroBatch
+from ..data.packing import packed_seq_params, to_loss_rows
 from ..losses import LossConfig, PreferenceInputs, RunningMean, preference_loss
 from ..models.response_logits import keep_output_input, select_output_positions
 from ..ops import vocab_parallel_kl, vocab_parallel_logprobs
@@ -52,23 +53,32 @@ def _model_logits(ctx: StepContext, batch: MicroBatch, model) -> tuple[torch.Ten
     compact = False
     if ctx.response_logits_only:
         # [s, b] order: megatron's activations are sequence-first.
-        compact = select_output_positions(model, batch["response_mask"].t())
-    # Causal attention needs no explicit mask; right padding only follows the real tokens.
-    return model(batch["tokens"], batch["position_ids"], None), compact
+        compact = select_output_positions(model, _model_response_mask(batch).t())
+    # Causal attention needs no explicit mask; right padding only follows the real tokens. A packed
+    # row's sequences are told apart by cu_seqlens (THD).
+    packed = packed_seq_params(batch) if "cu_seqlens" in batch else None
+    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed), compact
+
+
+def _model_response_mask(batch: MicroBatch) -> torch.Tensor:
+    """``response_mask`` in the model's layout (the packed row's for a packed micro-batch)."""
+    return batch.get("packed_response_mask", batch["response_mask"])
 
 
 def token_logprobs(
     batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool, inplace_backward: bool
 ) -> torch.Tensor:
-    """``[2P, S]`` per-token log-probs of the labels.
+    """``[2P, S]`` per-token log-probs of the labels, in the loss's rows.
 
     From ``[2P, S, V/TP]`` logits; or from compact ``[1, n, V/TP]`` logits at the response positions
     (``response_mask.t().nonzero()`` order), scattered back to ``[2P, S]`` with zeros elsewhere
-    (the loss reads log-probs only under ``response_mask``).
+    (the loss reads log-probs only under ``response_mask``). A packed micro-batch's log-probs are
+    computed in its packed row and gathered into the loss's rows (data/packing.py).
     """
     labels = batch["labels"]
     if not compact:
-        return vocab_parallel_logprobs(logits, labels, ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size)
+        values = vocab_parallel_logprobs(logits, labels, ctx.tp_group, inplace_backward=inplace_backward, vocab_size=ctx.vocab_size)
+        return to_loss_rows(values, batch)
     seq_pos, row = _response_positions(batch)
     values = vocab_parallel_logprobs(
         logits.reshape(-1, logits.shape[-1]), labels[row, seq_pos], ctx.tp_group,
@@ -78,16 +88,17 @@ def token_logprobs(
 
 
 def _response_positions(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sequence position, row)`` of each response position, in the compact logits' ``[s, b]`` order."""
-    return batch["response_mask"].t().nonzero(as_tuple=True)
+    """``(sequence position, row)`` of each response position in the model's layout, in the compact
+    logits' ``[s, b]`` order."""
+    return _model_response_mask(batch).t().nonzero(as_tuple=True)
 
 
 def _scatter_to_rows(values: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
-    """``[n]`` values at the response positions -> ``[2P, S]``, zeros elsewhere: a contiguous result,
-    laid out as the full-logit path's (sums then add in the same order)."""
+    """``[n]`` values at the response positions -> the loss's ``[2P, S]`` rows, zeros elsewhere: a
+    contiguous result, laid out as the full-logit path's (sums then add in the same order)."""
     seq_pos, row = _response_positions(batch)
     rows, cols = batch["labels"].shape
-    return values.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, values).view(rows, cols)
+    return to_loss_rows(values.new_zeros(rows * cols).index_copy(0, row * cols + seq_pos, values).view(rows, cols), batch)
 
 
 def token_kl(batch: MicroBatch, logits: torch.Tensor, ctx: StepContext, *, compact: bool) -> torch.Tensor:
@@ -128,7 +139,9 @@ def _policy_loss(ctx: StepContext, epoch: int, batch: MicroBatch, compact: bool,
         cp_group=ctx.cp_group,
         reward_mean=ctx.reward_mean,
     )  # fmt: skip
-    loss = out.losses.mean()
+    # A packed micro-batch holds a varying number of pairs: its loss is scaled so that, after the
+    # schedule's mean over micro-batches and DP, every pair of the global batch weighs the same.
+    loss = out.losses.sum() * batch["loss_scale"] if "loss_scale" in batch else out.losses.mean()
     # Sums over this micro-batch's pairs; the trainer divides by the global pair count.
     # (The schedule divides `loss` in place, so the metrics must not alias it.)
     sums = {name: value.detach().double().sum() for name, value in out.metrics.items()}

@@ -24,7 +24,7 @@ from ..runtime.builders import build_chunks, build_optimizer, build_scheduler, r
 from ..runtime.checkpointing import CheckpointContents, save_checkpoint, select_checkpoint
 from ..runtime.distributed import close_distributed, init_distributed, init_model_parallel, rank0_print
 from ..validation import check_tokenizer_matches_checkpoint, validate_or_raise
-from .feed import StepFeed
+from .feed import StepFeed, schedule_seq_length
 from .metrics import MetricsLogger, peak_memory_gib, reduce_step_metrics
 from .monitor import VerbosityMonitor
 from .nonfinite import NonFiniteError, nonfinite_message, nonfinite_parts
@@ -138,7 +138,7 @@ class Trainer:
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model,
             num_microbatches=len(micro_batches),
-            seq_length=self.cfg.training.seq_length,
+            seq_length=schedule_seq_length(micro_batches, self.cfg.training.seq_length),
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=False,
         )
@@ -158,7 +158,7 @@ class Trainer:
         metrics.update(
             epoch=float(epoch), lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             skipped_steps=float(self.state.skipped_steps), pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed,
-            step_time_s=elapsed, peak_memory_gib=peak_memory_gib(),
+            step_time_s=elapsed, peak_memory_gib=peak_memory_gib(), **self.feed.padding_stats(step),
         )  # fmt: skip
         self.state.iteration = step + 1
         self.state.reward_mean = self.reward_mean.state_dict()
