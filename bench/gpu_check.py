@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
 from sampo_megatron.planning import GIB, Layout, ModelShape, plan_memory
+from sampo_megatron.planning.shapes import attention_kind
 
 # Llama-3 family shapes, largest first (Llama-3-8B, Llama-3.2-3B, Llama-3.2-1B).
 CANDIDATES = {
@@ -226,7 +227,8 @@ def main() -> None:
     # BF16, local spec (no Transformer Engine needed), full recomputation of every layer.
     training = TrainingConfig(bf16=cuda, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     layout = Layout(micro_batch_size=1, global_batch_size=1, seq_length=seq, param_bytes=2 if cuda else 4,
-                    recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1, attention="local")  # fmt: skip
+                    recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+                    attention=attention_kind("local", "sdpa"))  # fmt: skip
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 64 * GIB
     name, shape, plan = pick_shape(CANDIDATES if cuda else SMOKE, layout, gpu_bytes)
     runner = PolicyAndReference(shape, training, "local", seq, device)
@@ -251,11 +253,54 @@ def main() -> None:
     report["logprob_op"]["shape"] = [2, seq, shape.vocab_size]
 
     report["fp8_vs_bf16"] = fp8_vs_bf16(shape, seq, device, args) if cuda else {"skipped": "CPU smoke: FP8 needs a GPU"}
+    report["packed_vs_alone"] = {impl: packed_vs_alone(impl, device) for impl in ("local", "transformer_engine")}
     print(json.dumps(report), flush=True)
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def packed_vs_alone(impl: str, device) -> dict:
+    """THD numerics (--pack-sequences): logits of 3 sequences packed in one row (PackedSeqParams)
+    against each sequence alone, fp32, a small model; the largest relative difference."""
+    if impl == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as err:
+            return {"skipped": f"Transformer Engine is not importable ({err})"}
+        if device.type != "cuda":
+            return {"skipped": "Transformer Engine needs a GPU"}
+    from sampo_megatron.data.packing import packed_seq_params
+    from sampo_megatron.models.gpt import build_model_chunks, transformer_config
+
+    model = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, vocab_size=512, transformer_impl=impl)
+    config = transformer_config(model, ParallelConfig(), TrainingConfig(seq_length=256))
+    (chunk,) = build_model_chunks(model, config, 512, 256)
+    chunk.eval()
+    lengths = [37, 100, 5]
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 512, (n,), generator=g).to(device) for n in lengths]
+    width = 160
+    row = torch.zeros(width, dtype=torch.long, device=device)
+    positions = torch.zeros(width, dtype=torch.long, device=device)
+    starts = [0]
+    for seq in sequences:
+        row[starts[-1] : starts[-1] + len(seq)] = seq
+        positions[starts[-1] : starts[-1] + len(seq)] = torch.arange(len(seq), device=device)
+        starts.append(starts[-1] + len(seq))
+    cu = torch.tensor([*starts, width], dtype=torch.int32, device=device)
+    try:
+        with torch.no_grad():
+            packed = chunk(row[None], positions[None], None, packed_seq_params=packed_seq_params({"cu_seqlens": cu}))[0]
+            worst = 0.0
+            for seq, start in zip(sequences, starts):
+                alone = chunk(seq[None], torch.arange(len(seq), device=device)[None], None)[0]
+                part = packed[start : start + len(seq)]
+                worst = max(worst, float((part - alone).abs().max() / alone.abs().max()))
+    except Exception as err:  # report, and keep the other results
+        return {"error": f"{type(err).__name__}: {err}"[:500]}
+    return {"lengths": lengths, "row": width, "max_rel_diff": worst}
 
 
 def fp8_vs_bf16(shape: ModelShape, seq: int, device, args) -> dict:

@@ -113,6 +113,9 @@ OBJECTIVES = {
     "sampo_topk": ["--length-debias", "sampo_topk"],
     "sanorm": ["--length-debias", "sanorm"],
     "simpo": ["--length-debias", "none", "--loss-type", "simpo"],
+    # the replica's kept hidden states (TDPO's KL) and the reference cache's unpacked rows
+    "tdpo2": ["--length-debias", "none", "--loss-type", "tdpo2"],
+    "sampo_cache": ["--length-debias", "sampo", "--ref-mode", "cache"],
 }
 
 

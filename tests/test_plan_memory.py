@@ -190,3 +190,6 @@ def test_gpu_check_runs_its_code_on_cpu():
     step = report["bf16_policy_reference"]
     assert step["model"] == "tiny" and step["step_s_median"] > 0 and step["first_step_loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert report["logprob_op"]["ours"]["median_s"] > 0 and "skipped" in report["fp8_vs_bf16"]
+    # THD packing: the local spec's packed logits equal each sequence alone (TE's needs the GPU)
+    assert report["packed_vs_alone"]["local"]["max_rel_diff"] < 1e-5, report["packed_vs_alone"]
+    assert "skipped" in report["packed_vs_alone"]["transformer_engine"]

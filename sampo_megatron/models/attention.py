@@ -88,11 +88,12 @@ class SDPACoreAttention(torch.nn.Module):
         """THD ``[t, n, d]``: causal attention inside each packed sequence, one SDPA call per sequence
         (the cost is the sum of the squared lengths, not the square of the row)."""
         starts = _sequence_starts(packed_seq_params, query.shape[0])
-        # [t, n, d] -> [n, t, d]
-        q, k, v = (x.transpose(0, 1) for x in (query, key, value))
-        parts = [self._sdpa(q[:, a:b], k[:, a:b], v[:, a:b], None, True) for a, b in zip(starts[:-1], starts[1:])]
-        # [n, t, d] -> [t, n * d]
-        return torch.cat(parts, dim=1).transpose(0, 1).reshape(query.shape[0], -1)
+        # [t, n, d] -> [1, n, t, d]: batched 4-D inputs take torch's fused CPU kernel (3-D ones fall
+        # back to the unfused math path)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        parts = [self._sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, True) for a, b in zip(starts[:-1], starts[1:])]
+        # [1, n, t, d] -> [t, n * d]
+        return torch.cat(parts, dim=2)[0].transpose(0, 1).reshape(query.shape[0], -1)
 
     @staticmethod
     def _mask(sq: int, sk: int, attention_mask, device) -> tuple[torch.Tensor | None, bool]:
