@@ -168,6 +168,13 @@ class TrainingConfig:
     skip_nonfinite_steps: bool = False
     """Instead of stopping, skip a step whose loss or gradient norm is not finite (no update, the
     learning-rate schedule does not advance); skipped steps are counted in the metric skipped_steps."""
+    exit_signal_handler: bool = False
+    """On SIGTERM or SIGINT, finish the current step, save a checkpoint (with --save) and exit 0;
+    a second signal during the save is ignored (SLURM preemption, a job's time limit)."""
+    exit_duration_in_mins: float | None = None
+    """Finish the current step, save and exit 0 once the run has trained this many minutes."""
+    exit_interval: int | None = None
+    """Finish the step whose number is a multiple of this, save and exit 0."""
 
 
 @dataclass
@@ -216,6 +223,9 @@ class CheckpointConfig:
     """Directory for iter_XXXXXXX/ checkpoints and latest_checkpointed_iteration.txt."""
     save_interval: int | None = None
     """Save every N steps (and at the end)."""
+    keep_last: int | None = None
+    """Keep only the N newest complete checkpoints of --save: older ones are deleted once a newer one
+    is complete (the one the marker names is never deleted)."""
     finetune: bool = False
     """Load only the model weights from --load (new optimizer, schedule and data position)."""
     override_opt_param_scheduler: bool = False
@@ -237,7 +247,8 @@ class LoggingConfig:
     log_interval: int = 1
     """Print a metrics line every N steps."""
     metrics_file: str | None = None
-    """Append one JSON object per step to this file."""
+    """One JSON object per step. A fresh run moves an existing file aside (FILE.1, FILE.2, ...); a
+    resumed run keeps its lines up to the resumed iteration and continues it."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
 

@@ -113,7 +113,9 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
     metrics, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--save-interval", "3")
     assert f"{shard}: its SHA-256 differs from the manifest's" in out
     assert "falling back to" in out and "iter_0000003 at iteration 3" in out
-    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    # the metrics file keeps each iteration once: the lines past the fallback's iteration are redone
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert "dropped 3 line(s) past the resumed iteration 3" in out
     assert_same_steps(metrics[-3:], straight[3:], rel=1e-6, keys=COMPARED + ("lr",))
 
     (tmp_path / "run" / "ckpt" / "iter_0000006" / ".metadata").write_bytes(b"")

@@ -46,6 +46,9 @@ def exit_with(err: BaseException, status: int = 1) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .signals import record_early
+
+    record_early()  # until the trainer knows whether --exit-signal-handler is on (training/exit.py)
     from ..training.run_lock import die_with_launcher
 
     die_with_launcher()  # under torchrun: a rank never outlives its launcher (training/run_lock.py)
@@ -69,3 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
     except errors as err:
         exit_with(err)
+    except KeyboardInterrupt:
+        # Ctrl-C without --exit-signal-handler: stop now, one line. No clean-up: destroying the
+        # process groups would wait for ranks still inside a collective; the launcher ends them.
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted (Ctrl-C): stopped without saving; run the same command again to resume from the last "
+                  "checkpoint (--exit-signal-handler saves first)", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(130)

@@ -289,6 +289,35 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
     return ckpt
 
 
+def prune_checkpoints(save_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the ``keep_last`` newest complete checkpoints of ``save_dir`` (rank 0).
+
+    The checkpoint the marker names is never deleted, nor anything newer than it (a save in
+    progress). Each is first renamed ``iter_XXXXXXX.deleting`` (atomic), then removed, so a run
+    killed half-way leaves no half-deleted directory that looks like a checkpoint; leftovers are
+    removed by the next call.
+
+    Returns:
+        The checkpoint directories deleted.
+    """
+    if keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, got {keep_last}")
+    for name in os.listdir(save_dir):
+        if name.endswith(".deleting"):
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    latest = _marker_target(save_dir)
+    if latest is None:
+        return []
+    complete = [latest, *_older_checkpoints(save_dir, latest)]  # newest first
+    deleted = []
+    for ckpt in reversed(complete[keep_last:]):  # oldest first
+        doomed = ckpt + ".deleting"
+        os.replace(ckpt, doomed)
+        shutil.rmtree(doomed)
+        deleted.append(ckpt)
+    return deleted
+
+
 def has_key(ckpt_dir: str, key: str) -> bool:
     """Whether the checkpoint holds ``key`` in its common (non-tensor) state or as a tensor prefix."""
     from megatron.core import dist_checkpointing

@@ -36,6 +36,49 @@ _CONSOLE = (
 )
 
 
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded)."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def prepare_metrics_file(path: str, start_iteration: int) -> str | None:
+    """Make ``path`` ready for a run that starts after ``start_iteration`` (0: a fresh run); returns a
+    line saying what was done, or None.
+
+    A fresh run never appends to an earlier run's file: an existing non-empty file is moved aside to
+    ``path.1`` (``.2``, ... when taken). A resumed run keeps the lines up to ``start_iteration`` and
+    drops the rest (steps after the checkpoint, which the run computes again, and a line cut short
+    by a crash), so the file holds each iteration once.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    if start_iteration == 0:
+        n = 1
+        while os.path.exists(f"{path}.{n}"):
+            n += 1
+        os.replace(path, f"{path}.{n}")
+        return f"metrics: {path} held an earlier run's metrics: moved to {path}.{n}"
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and record.get("iteration", 0) <= start_iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if not dropped:
+        return None
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return f"metrics: {path}: dropped {dropped} line(s) past the resumed iteration {start_iteration}"
+
+
 def reduce_step_metrics(losses_reduced: list[dict], dp_group) -> dict[str, float]:
     """Per-pair means over the global batch of the metric sums each micro-batch's loss returned
     (training/step.py), summed over data parallelism. Call on the last pipeline stage."""
@@ -68,8 +111,9 @@ class MetricsLogger:
         enabled: whether this rank logs.
         total_iters: for the ``iteration k/N`` prefix.
         log_interval: console line every N steps (the file and TensorBoard get every step).
-        metrics_file: JSONL path, appended to (a resumed run continues the same file).
+        metrics_file: JSONL path (see :func:`prepare_metrics_file`).
         tensorboard_dir: TensorBoard log directory.
+        start_iteration: the iteration the run starts after (0: fresh).
     """
 
     def __init__(
@@ -79,6 +123,7 @@ class MetricsLogger:
         log_interval: int = 1,
         metrics_file: str | None = None,
         tensorboard_dir: str | None = None,
+        start_iteration: int = 0,
     ) -> None:
         self.enabled = enabled
         self.total_iters = total_iters
@@ -89,6 +134,9 @@ class MetricsLogger:
             return
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            done = prepare_metrics_file(metrics_file, start_iteration)
+            if done:
+                print(done, flush=True)
             self._file = open(metrics_file, "a", buffering=1)
         if tensorboard_dir:
             try:
@@ -110,6 +158,10 @@ class MetricsLogger:
                     self._tb.add_scalar(name, value, iteration)
         if iteration % self.log_interval == 0 or iteration == self.total_iters or "nonfinite" in metrics:
             fields = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _CONSOLE if key in metrics]
+            if "elapsed_s" in metrics:
+                fields.append(f"elapsed {format_duration(metrics['elapsed_s'])}")
+            if "eta_s" in metrics:
+                fields.append(f"ETA {format_duration(metrics['eta_s'])}")
             if "nonfinite" in metrics:
                 fields.append(f"NOT FINITE: {metrics['nonfinite']}")
             print(f"iteration {iteration:>6d}/{self.total_iters} | " + " | ".join(fields), flush=True)

@@ -14,6 +14,8 @@ import os
 import time
 from functools import partial
 
+import torch.distributed as dist
+
 from ..config import RunConfig
 from ..data import load_tokenizer
 from ..data.tokenizer import copy_tokenizer_into
@@ -21,9 +23,10 @@ from ..losses import LOSSES, RunningMean
 from ..models.architecture import run_architecture, write_architecture
 from ..models.gpt import check_fp8_available, model_vocab_sizes, transformer_config
 from ..runtime.builders import build_chunks, build_optimizer, build_scheduler, resolve_architecture, wrap_ddp
-from ..runtime.checkpointing import CheckpointContents, save_checkpoint, select_checkpoint
+from ..runtime.checkpointing import CheckpointContents, prune_checkpoints, save_checkpoint, select_checkpoint
 from ..runtime.distributed import close_distributed, init_distributed, init_model_parallel, rank0_print
 from ..validation import check_tokenizer_matches_checkpoint, validate_or_raise
+from .exit import ExitConditions
 from .feed import StepFeed, schedule_seq_length
 from .metrics import MetricsLogger, peak_memory_gib, reduce_step_metrics
 from .monitor import VerbosityMonitor
@@ -43,12 +46,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        # first: a signal during start-up is recorded too (the run stops after its first step)
+        self.exits = ExitConditions(cfg.training)
         self.architecture = resolve_architecture(cfg)
         validate_or_raise(cfg)
         check_fp8_available(cfg.model, cfg.training)
         init_distributed()
         self.tconfig = transformer_config(cfg.model, cfg.parallel, cfg.training)
         self.par = init_model_parallel(cfg.parallel, cfg.training.seed, self.tconfig.virtual_pipeline_model_parallel_size)
+        self.exits.device = self.par.device
         self.run_lock = lock_save_dir(cfg.checkpoint.save)
         try:
             self._build()
@@ -87,8 +93,9 @@ class Trainer:
         if LOSSES[cfg.loss.loss_type].needs_token_kl:  # TDPO (validation allows only the replica)
             self.ctx.ref_output_weight = self.reference.output_weight
         self.logger = MetricsLogger(
-            par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
-        )
+            par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
+            start_iteration=self.state.iteration,
+        )  # fmt: skip
         self.monitor = None
         if cfg.eval.eval_interval:
             self.monitor = VerbosityMonitor(cfg, self.tokenizer, self.vocab_size, self.model, self.reference.chunks, self.ctx, par,
@@ -196,9 +203,13 @@ class Trainer:
             run_state=self.state.to_dict(),
             reference_chunks=self.reference.saved_chunks,
         )
-        ckpt = save_checkpoint(self.cfg.checkpoint.save, self.state.iteration, self.chunks, contents, self.par.dp_cp_group,
+        c = self.cfg.checkpoint
+        ckpt = save_checkpoint(c.save, self.state.iteration, self.chunks, contents, self.par.dp_cp_group,
                                finish=self._write_checkpoint_files)  # fmt: skip
         self.logger.message(f"saved checkpoint {ckpt}")
+        if c.keep_last and dist.get_rank() == 0:
+            for old in prune_checkpoints(c.save, c.keep_last):
+                self.logger.message(f"deleted checkpoint {old} (--keep-last {c.keep_last})")
         return ckpt
 
     def _write_checkpoint_files(self, ckpt: str) -> None:
@@ -225,14 +236,23 @@ class Trainer:
             self.logger.message(f"nothing to do: the checkpoint is at iteration {first} of {self.train_iters} (--train-iters)")
         if self.monitor is not None and first == 0 and self.train_iters > 0:
             self.logger.log(0, self.monitor.evaluate(0))  # the starting point of the eval curves
+        loop_start, exit_reason = time.monotonic(), None
         for step in range(first, self.train_iters):
             metrics = self.train_step(step)
             if self.monitor is not None and self.monitor.due(step + 1):
                 metrics.update(self.monitor.evaluate(step + 1))
+            elapsed = time.monotonic() - loop_start
+            metrics.update(elapsed_s=elapsed, eta_s=elapsed / (step + 1 - first) * (self.train_iters - step - 1))
             self.logger.log(step + 1, metrics)
             interval = cfg.checkpoint.save_interval
-            if cfg.checkpoint.save and ((interval and (step + 1) % interval == 0) or step + 1 == self.train_iters):
+            exit_reason = self.exits.should_exit(step + 1)
+            saves = (interval and (step + 1) % interval == 0) or step + 1 == self.train_iters or exit_reason
+            if cfg.checkpoint.save and saves:
                 self.save()
+            if exit_reason:
+                saved = f"saved in {os.path.abspath(cfg.checkpoint.save)}" if cfg.checkpoint.save else "nothing saved (no --save)"
+                self.logger.message(f"exiting after iteration {step + 1} of {self.train_iters}: {exit_reason}; {saved}")
+                break
         self.logger.close()
         if cfg.logging.metrics_file:
             self.logger.message(f"metrics (one JSON object per step): {os.path.abspath(cfg.logging.metrics_file)}")
@@ -252,6 +272,7 @@ class Trainer:
         """
         if hasattr(self, "logger"):
             self.logger.close()
+        self.exits.restore()
         self.release_lock()
         close_distributed(barrier=synchronize)
 

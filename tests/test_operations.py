@@ -1,0 +1,195 @@
+"""Production operations (issue 17): early exits that save first (signal, time and step budgets),
+checkpoint retention, the metrics file across runs, the ETA, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sampo_megatron.config import TrainingConfig
+from sampo_megatron.runtime.checkpointing import prune_checkpoints
+from sampo_megatron.training.exit import ExitConditions
+from sampo_megatron.training.metrics import format_duration, prepare_metrics_file
+
+from helpers import BASE, COMPARED, LAUNCH, REPO_ROOT, assert_same_steps, read_metrics, torchrun_command, torchrun_env, train
+
+TP2 = ["--tensor-model-parallel-size", "2"]
+
+
+# ------------------------------------------------------------------------------ unit
+def test_a_fresh_run_moves_an_earlier_metrics_file_aside(tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert prepare_metrics_file(str(path), 0) is None  # nothing there
+    path.write_text('{"iteration": 1}\n')
+    (tmp_path / "m.jsonl.1").write_text("taken\n")
+    message = prepare_metrics_file(str(path), 0)
+    assert not path.exists() and (tmp_path / "m.jsonl.2").read_text() == '{"iteration": 1}\n'
+    assert "moved to" in message and "m.jsonl.2" in message
+
+
+def test_a_resumed_run_keeps_each_iteration_once(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"iteration": i, "loss": 0.1 * i}) for i in range(6)]
+    path.write_text("\n".join(lines) + '\n{"iteration": 6, "lo')  # steps past the checkpoint, then a cut line
+    message = prepare_metrics_file(str(path), 3)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    assert "dropped 3 line(s)" in message
+    assert prepare_metrics_file(str(path), 3) is None  # nothing more to drop
+
+
+def fake_checkpoint(save: Path, iteration: int, complete: bool = True) -> Path:
+    ckpt = save / f"iter_{iteration:07d}"
+    ckpt.mkdir(parents=True)
+    if complete:
+        (ckpt / "metadata.json").write_text("{}")
+    return ckpt
+
+
+def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
+    for i in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, i)
+    in_progress = fake_checkpoint(tmp_path, 5, complete=False)  # a newer save not yet complete
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4\n")
+    (tmp_path / "iter_0000000.deleting").mkdir()  # left by a run killed while deleting
+    deleted = prune_checkpoints(str(tmp_path), 2)
+    assert [Path(d).name for d in deleted] == ["iter_0000001", "iter_0000002"]  # oldest first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000003", "iter_0000004", "iter_0000005", "latest_checkpointed_iteration.txt"
+    ]  # fmt: skip
+    assert in_progress.exists()
+    with pytest.raises(ValueError, match="--keep-last must be >= 1"):
+        prune_checkpoints(str(tmp_path), 0)
+
+
+def test_exit_conditions_without_distributed():
+    interval = ExitConditions(TrainingConfig(exit_interval=3))
+    assert interval.should_exit(2) is None and interval.should_exit(3) == "--exit-interval 3 reached"
+    budget = ExitConditions(TrainingConfig(exit_duration_in_mins=1), start=time.monotonic() - 61)
+    assert budget.should_exit(1) == "--exit-duration-in-mins 1 reached"
+    assert ExitConditions(TrainingConfig()).should_exit(5) is None
+    handler = ExitConditions(TrainingConfig(exit_signal_handler=True))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
+        time.sleep(0.05)
+        assert handler.should_exit(1) == "SIGTERM received"
+    finally:
+        handler.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert format_duration(3725.4) == "1:02:05"
+
+
+# ------------------------------------------------------------------------------ end to end
+def _worker_pids(needle: str) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if needle in cmdline and "pretrain_sampo.py" in cmdline and "torch.distributed.run" not in cmdline \
+                    and "torchrun" not in cmdline.split(" ")[0]:  # fmt: skip
+                pids.append(int(entry.name))
+    return pids
+
+
+def _start(tmp_path: Path, name: str, flags: list[str]) -> tuple[subprocess.Popen, Path, object]:
+    run = tmp_path / name
+    args = [*BASE, "--save", str(run / "ckpt"), "--metrics-file", str(run / "metrics.jsonl"), *flags]
+    log = open(tmp_path / f"{name}.log", "w")
+    launcher = subprocess.Popen(torchrun_command(LAUNCH, 2, *args), env=torchrun_env(), cwd=REPO_ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return launcher, run, log
+
+
+def _wait_for(condition, launcher, log_path: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+STEPS = 8
+HANDLER = [*TP2, "--train-iters", str(STEPS), "--save-interval", "3", "--lr", "0.01", "--exit-signal-handler"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    metrics, _ = train(tmp_path_factory.mktemp("straight"), "straight", 2, *HANDLER)
+    return metrics
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("moment", ["startup", "mid_training", "during_save"])
+def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, moment):
+    launcher, run, log = _start(tmp_path, "run", HANDLER)
+    log_path = tmp_path / "run.log"
+    metrics = run / "metrics.jsonl"
+    try:
+        if moment == "startup":  # the data is read, the model not built yet, no step has run
+            _wait_for(lambda: "data: " in log_path.read_text(), launcher, log_path)
+        elif moment == "mid_training":
+            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, launcher, log_path)
+        else:  # the periodic save at iteration 3 has begun
+            _wait_for(lambda: (run / "ckpt" / "iter_0000003").exists(), launcher, log_path)
+        for pid in _worker_pids(str(run)):  # as SLURM signals each task
+            os.kill(pid, signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        log.close()
+    out = log_path.read_text()
+    assert "exiting after iteration" in out and "SIGTERM received" in out, out[-3000:]
+    done = read_metrics(metrics)
+    last = done[-1]["iteration"]
+    # nothing lost: the checkpoint is the last finished step
+    assert int((run / "ckpt" / "latest_checkpointed_iteration.txt").read_text()) == last
+    if last < STEPS:
+        resumed, out = train(tmp_path, "run", 2, *HANDLER)
+        assert f"at iteration {last}" in out
+    everything = read_metrics(metrics)
+    assert [m["iteration"] for m in everything] == list(range(1, STEPS + 1))  # each iteration once
+    assert_same_steps(everything, straight, rel=1e-6, keys=COMPARED + ("lr",))
+
+
+@pytest.mark.multiprocess
+def test_step_budget_exits_saves_and_keeps_the_last_checkpoints(tmp_path, straight):
+    flags = [*HANDLER, "--exit-interval", "5", "--keep-last", "2"]
+    first, out = train(tmp_path, "run", 2, *flags)
+    assert [m["iteration"] for m in first] == [1, 2, 3, 4, 5]
+    assert "exiting after iteration 5 of 8: --exit-interval 5 reached" in out and "ETA " in out and "elapsed " in out
+    ckpt = tmp_path / "run" / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000003", "iter_0000005"]
+    _, out = train(tmp_path, "run", 2, *flags)
+    assert "at iteration 5" in out and "deleted checkpoint" in out
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000006", "iter_0000008"]
+    everything = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert_same_steps(everything, straight, rel=1e-6, keys=COMPARED + ("lr",))
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path):
+    launcher, run, log = _start(tmp_path, "run", [*TP2, "--train-iters", "200", "--lr", "0.01"])
+    log_path = tmp_path / "run.log"
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").exists(), launcher, log_path)
+        sent = time.monotonic()
+        os.killpg(launcher.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the launcher's group
+        launcher.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        log.close()
+    deadline = time.time() + 10
+    while _worker_pids(str(run)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _worker_pids(str(run)) == []
+    assert took < 10, (took, log_path.read_text()[-3000:])
