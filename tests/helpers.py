@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,51 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+class BackgroundRun:
+    """A trainer run under torchrun in the background, in its own session (to signal or kill it
+    mid-run): ``<tmp>/<name>/`` holds ``ckpt/`` and ``metrics.jsonl``, ``<tmp>/<name>.log`` its output."""
+
+    def __init__(self, tmp: Path, name: str, nproc: int, *flags: str) -> None:
+        self.dir = tmp / name
+        self.ckpt, self.metrics, self.log = self.dir / "ckpt", self.dir / "metrics.jsonl", tmp / f"{name}.log"
+        args = [*BASE, "--save", str(self.ckpt), "--metrics-file", str(self.metrics), *flags]
+        with open(self.log, "w") as log:
+            self.launcher = subprocess.Popen(torchrun_command(LAUNCH, nproc, *args), env=torchrun_env(), cwd=REPO_ROOT,
+                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, condition, timeout: float = 300) -> None:
+        """Poll ``condition()`` until true; fails with the run's output if the run ends first."""
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.launcher.poll() is None and time.time() < deadline, self.output()[-3000:]
+            time.sleep(0.05)
+
+    def marker(self) -> int:
+        return int((self.ckpt / "latest_checkpointed_iteration.txt").read_text())
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's process group (its ranks have sessions of their own), if alive."""
+        if self.launcher.poll() is None:
+            os.killpg(self.launcher.pid, signal.SIGKILL)
+        self.launcher.wait()
+
+
+def trainer_pids(needle: str, workers_only: bool = False) -> list[int]:
+    """PIDs of processes running pretrain_sampo.py whose command line contains ``needle`` (a run's
+    directory); ``workers_only``: the ranks, not their torchrun launcher."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmdline and "pretrain_sampo.py" in cmdline:
+                if not (workers_only and ("torch.distributed.run" in cmdline or "torchrun" in cmdline.split(" ")[0])):
+                    pids.append(int(entry.name))
+    return pids

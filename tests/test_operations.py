@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from sampo_megatron.runtime.checkpointing import prune_checkpoints
 from sampo_megatron.training.exit import ExitConditions
 from sampo_megatron.training.metrics import format_duration, prepare_metrics_file
 
-from helpers import BASE, COMPARED, LAUNCH, REPO_ROOT, assert_same_steps, read_metrics, torchrun_command, torchrun_env, train
+from helpers import COMPARED, BackgroundRun, assert_same_steps, read_metrics, train, trainer_pids
 
 TP2 = ["--tensor-model-parallel-size", "2"]
 
@@ -85,36 +84,6 @@ def test_exit_conditions_without_distributed():
 
 
 # ------------------------------------------------------------------------------ end to end
-def _worker_pids(needle: str) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if needle in cmdline and "pretrain_sampo.py" in cmdline and "torch.distributed.run" not in cmdline \
-                    and "torchrun" not in cmdline.split(" ")[0]:  # fmt: skip
-                pids.append(int(entry.name))
-    return pids
-
-
-def _start(tmp_path: Path, name: str, flags: list[str]) -> tuple[subprocess.Popen, Path, object]:
-    run = tmp_path / name
-    args = [*BASE, "--save", str(run / "ckpt"), "--metrics-file", str(run / "metrics.jsonl"), *flags]
-    log = open(tmp_path / f"{name}.log", "w")
-    launcher = subprocess.Popen(torchrun_command(LAUNCH, 2, *args), env=torchrun_env(), cwd=REPO_ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    return launcher, run, log
-
-
-def _wait_for(condition, launcher, log_path: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.05)
-
-
 STEPS = 8
 HANDLER = [*TP2, "--train-iters", str(STEPS), "--save-interval", "3", "--lr", "0.01", "--exit-signal-handler"]
 
@@ -128,33 +97,27 @@ def straight(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("moment", ["startup", "mid_training", "during_save"])
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, moment):
-    launcher, run, log = _start(tmp_path, "run", HANDLER)
-    log_path = tmp_path / "run.log"
-    metrics = run / "metrics.jsonl"
+    run = BackgroundRun(tmp_path, "run", 2, *HANDLER)
     try:
         if moment == "startup":  # the data is read, the model not built yet, no step has run
-            _wait_for(lambda: "data: " in log_path.read_text(), launcher, log_path)
+            run.wait_for(lambda: "data: " in run.output())
         elif moment == "mid_training":
-            _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, launcher, log_path)
+            run.wait_for(lambda: run.metrics.exists() and len(run.metrics.read_text().splitlines()) >= 2)
         else:  # the periodic save at iteration 3 has begun
-            _wait_for(lambda: (run / "ckpt" / "iter_0000003").exists(), launcher, log_path)
-        for pid in _worker_pids(str(run)):  # as SLURM signals each task
+            run.wait_for(lambda: (run.ckpt / "iter_0000003").exists())
+        for pid in trainer_pids(str(run.dir), workers_only=True):  # as SLURM signals each task
             os.kill(pid, signal.SIGTERM)
-        assert launcher.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        assert run.launcher.wait(timeout=120) == 0, run.output()[-3000:]
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        log.close()
-    out = log_path.read_text()
+        run.kill()
+    out = run.output()
     assert "exiting after iteration" in out and "SIGTERM received" in out, out[-3000:]
-    done = read_metrics(metrics)
-    last = done[-1]["iteration"]
-    # nothing lost: the checkpoint is the last finished step
-    assert int((run / "ckpt" / "latest_checkpointed_iteration.txt").read_text()) == last
+    last = read_metrics(run.metrics)[-1]["iteration"]
+    assert run.marker() == last  # nothing lost: the checkpoint is the last finished step
     if last < STEPS:
-        resumed, out = train(tmp_path, "run", 2, *HANDLER)
+        _, out = train(tmp_path, "run", 2, *HANDLER)
         assert f"at iteration {last}" in out
-    everything = read_metrics(metrics)
+    everything = read_metrics(run.metrics)
     assert [m["iteration"] for m in everything] == list(range(1, STEPS + 1))  # each iteration once
     assert_same_steps(everything, straight, rel=1e-6, keys=COMPARED + ("lr",))
 
@@ -176,20 +139,17 @@ def test_step_budget_exits_saves_and_keeps_the_last_checkpoints(tmp_path, straig
 
 @pytest.mark.multiprocess
 def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path):
-    launcher, run, log = _start(tmp_path, "run", [*TP2, "--train-iters", "200", "--lr", "0.01"])
-    log_path = tmp_path / "run.log"
+    run = BackgroundRun(tmp_path, "run", 2, *TP2, "--train-iters", "200", "--lr", "0.01")
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").exists(), launcher, log_path)
+        run.wait_for(lambda: run.metrics.exists())
         sent = time.monotonic()
-        os.killpg(launcher.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the launcher's group
-        launcher.wait(timeout=60)
+        os.killpg(run.launcher.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the launcher's group
+        run.launcher.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        log.close()
+        run.kill()
     deadline = time.time() + 10
-    while _worker_pids(str(run)) and time.time() < deadline:
+    while trainer_pids(str(run.dir)) and time.time() < deadline:
         time.sleep(0.1)
-    assert _worker_pids(str(run)) == []
-    assert took < 10, (took, log_path.read_text()[-3000:])
+    assert trainer_pids(str(run.dir)) == []
+    assert took < 10, (took, run.output()[-3000:])

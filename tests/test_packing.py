@@ -3,9 +3,6 @@ packed training against unpacked training on every CPU layout."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import pytest
@@ -16,7 +13,7 @@ from sampo_megatron.data import PairBatches, PairDataset, PreferencePair
 from sampo_megatron.data.packing import collate_packed, pack_pairs, packed_seq_params, pair_tokens, to_loss_rows
 from sampo_megatron.validation import config_problems
 
-from helpers import BASE, COMPARED, LAUNCH, REPO_ROOT, assert_same_steps, torchrun_command, torchrun_env, train
+from helpers import COMPARED, BackgroundRun, assert_same_steps, train
 
 
 def pair(sample_id: int, prompt: int, chosen: int, rejected: int) -> PreferencePair:
@@ -155,23 +152,13 @@ def test_packed_layouts_equal_unpacked_single_process(tmp_path, unpacked_sampo, 
 def test_packed_run_killed_resumes_exactly(tmp_path):
     flags = ["--tensor-model-parallel-size", "2", "--train-iters", "12", "--save-interval", "2", "--lr", "0.01", "--pack-sequences"]
     straight, _ = train(tmp_path, "straight", 2, *flags)
-    run = tmp_path / "killed"
-    args = [*BASE, "--save", str(run / "ckpt"), "--metrics-file", str(run / "metrics.jsonl"), *flags]
-    log = open(tmp_path / "killed.log", "w")
-    launcher = subprocess.Popen(torchrun_command(LAUNCH, 2, *args), env=torchrun_env(), cwd=REPO_ROOT, stdout=log, stderr=log,
-                                start_new_session=True)  # fmt: skip
-    marker = run / "ckpt" / "latest_checkpointed_iteration.txt"
+    run = BackgroundRun(tmp_path, "killed", 2, *flags)
     try:
-        deadline = time.time() + 300
-        while not marker.exists():
-            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.1)
-        os.killpg(launcher.pid, signal.SIGKILL)
+        run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists(), timeout=300)
     finally:
-        launcher.wait()
-        log.close()
+        run.kill()
     time.sleep(1)  # the ranks notice their launcher is gone (training/run_lock.py)
-    at = int(marker.read_text())
+    at = run.marker()
     assert 2 <= at < 12
     resumed, out = train(tmp_path, "killed", 2, *flags)
     assert f"at iteration {at}" in out

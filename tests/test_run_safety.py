@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,13 +21,14 @@ from helpers import (
     COMPARED,
     LAUNCH,
     REPO_ROOT,
+    BackgroundRun,
     RunsCodeWhenUnpickled,
     assert_same_steps,
     run_torchrun,
     small_dataset,
-    torchrun_command,
     torchrun_env,
     train,
+    trainer_pids,
 )
 
 pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
@@ -123,47 +123,25 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
     assert proc.returncode != 0 and "iter_0000006/.metadata: 0 bytes" in proc.stderr
 
 
-def _pids_running(needle: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if needle in cmdline and "pretrain_sampo.py" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_path):
     # 60 steps: long enough that the run is still training while a second run tries the directory
     flags = [*TP2, "--train-iters", "60", "--save-interval", "3", "--lr", "0.01"]
     straight, _ = train(tmp_path, "straight", 2, *flags)
 
-    run = tmp_path / "killed"
-    args = [*BASE, "--save", str(run / "ckpt"), "--metrics-file", str(run / "metrics.jsonl"), *flags]
-    log = open(tmp_path / "killed.log", "w")
-    launcher = subprocess.Popen(torchrun_command(LAUNCH, 2, *args), env=torchrun_env(), cwd=REPO_ROOT, stdout=log, stderr=log,
-                                start_new_session=True)  # fmt: skip
+    run = BackgroundRun(tmp_path, "killed", 2, *flags)
     try:
-        deadline = time.time() + 300
-        while not (run / "ckpt" / "latest_checkpointed_iteration.txt").exists():
-            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.2)
+        run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists())
         # A second run on the same --save directory stops at once, naming the holder.
         _, second = train(tmp_path, "killed", 2, *flags, check=False)
         assert second.returncode != 0 and "is in use by another run: host" in second.stderr
-        assert launcher.poll() is None, "the first run should still be training"
-        os.killpg(launcher.pid, signal.SIGKILL)  # torchrun's process group; its workers have their own sessions
+        assert run.launcher.poll() is None, "the first run should still be training"
     finally:
-        launcher.wait()
-        log.close()
+        run.kill()  # torchrun's process group; its workers have their own sessions
     deadline = time.time() + 10
-    while _pids_running(str(run)) and time.time() < deadline:
+    while trainer_pids(str(run.dir)) and time.time() < deadline:
         time.sleep(0.2)
-    assert _pids_running(str(run)) == [], "ranks outlived their launcher"
-    at = int(marker(run))
+    assert trainer_pids(str(run.dir)) == [], "ranks outlived their launcher"
+    at = run.marker()
     assert 3 <= at < 60
 
     resumed, out = train(tmp_path, "killed", 2, *flags)

@@ -158,10 +158,10 @@ class MetricsLogger:
                     self._tb.add_scalar(name, value, iteration)
         if iteration % self.log_interval == 0 or iteration == self.total_iters or "nonfinite" in metrics:
             fields = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _CONSOLE if key in metrics]
-            if "elapsed_s" in metrics:
-                fields.append(f"elapsed {format_duration(metrics['elapsed_s'])}")
-            if "eta_s" in metrics:
-                fields.append(f"ETA {format_duration(metrics['eta_s'])}")
+            if "time/elapsed_s" in metrics:
+                fields.append(f"elapsed {format_duration(metrics['time/elapsed_s'])}")
+            if "time/eta_s" in metrics:
+                fields.append(f"ETA {format_duration(metrics['time/eta_s'])}")
             if "nonfinite" in metrics:
                 fields.append(f"NOT FINITE: {metrics['nonfinite']}")
             print(f"iteration {iteration:>6d}/{self.total_iters} | " + " | ".join(fields), flush=True)

@@ -242,7 +242,8 @@ class Trainer:
             if self.monitor is not None and self.monitor.due(step + 1):
                 metrics.update(self.monitor.evaluate(step + 1))
             elapsed = time.monotonic() - loop_start
-            metrics.update(elapsed_s=elapsed, eta_s=elapsed / (step + 1 - first) * (self.train_iters - step - 1))
+            metrics["time/elapsed_s"] = elapsed
+            metrics["time/eta_s"] = elapsed / (step + 1 - first) * (self.train_iters - step - 1)
             self.logger.log(step + 1, metrics)
             interval = cfg.checkpoint.save_interval
             exit_reason = self.exits.should_exit(step + 1)
