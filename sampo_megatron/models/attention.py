@@ -50,10 +50,8 @@ class SDPACoreAttention(torch.nn.Module):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention implements causal self-attention, not {attn_mask_type}")
         tp_size = pg_collection.tp.size() if pg_collection is not None else _tp_world_size()
-        self.config = config
         self.heads = config.num_attention_heads // tp_size
         self.groups = config.num_query_groups // tp_size
-        self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
