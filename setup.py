@@ -15,10 +15,11 @@ EXTRAS = {
     # parquet and datasets-directory readers, and the preprocessing histogram PNG (docs/data.md)
     "data": ["pyarrow", "datasets", "matplotlib"],
     "tensorboard": ["tensorboard"],  # --tensorboard-dir
+    "wandb": ["wandb"],  # --wandb-project
 }
 # dev: the test tools plus every extra that runs on CPU (mpi4py: tests/test_launch.py's mpirun
 # launch, with Open MPI from .ci/run's apt-get). The gpu extra cannot be installed without CUDA.
-EXTRAS["dev"] = sorted({"pytest", "pytest-timeout", "ruff"} | {r for k in ("mpi", "data", "tensorboard") for r in EXTRAS[k]})
+EXTRAS["dev"] = sorted({"pytest", "pytest-timeout", "ruff"} | {r for k in ("mpi", "data", "tensorboard", "wandb") for r in EXTRAS[k]})
 
 setup(
     name="sampo-megatron",
@@ -53,6 +54,7 @@ setup(
             "sampo-preprocess = sampo_megatron.cli.preprocess:main",
             "sampo-plan = sampo_megatron.cli.plan:main",
             "sampo-length-report = sampo_megatron.cli.length_report:main",
+            "sampo-precompute-reference = sampo_megatron.cli.precompute_reference:main",
         ]
     },
 )

@@ -5,8 +5,8 @@ random-init Llama, 4 layers, hidden 256, 8 heads, 4 KV heads, vocabulary 8000, f
 with 64-token prompts and long-tailed response lengths (lognormal, median 150 tokens, sigma 1,
 clipped to 20-1500), ``--seq-length 2048``. Training: SamPO (sigmoid DPO, ``--length-debias
 sampo``) with the reference replica, 2 pairs per micro-batch, 8 pairs per step, 1 warm-up step and
-5 timed steps, 2 threads. The unpacked side pads each micro-batch to its longest sequence (the
-default, ``--variable-seq-lengths``); the packed side adds ``--pack-sequences``.
+5 timed steps, 2 threads. The unpacked side (``--no-pack-sequences``) pads each micro-batch to its
+longest sequence (``--variable-seq-lengths``); the packed side has ``--pack-sequences``.
 
 The two sides alternate (unpacked, packed, unpacked, ...; ``--rounds``, default 3, each side in
 its own subprocess) and the ratio is each round's packed over unpacked pairs/s; the result reports
@@ -39,7 +39,7 @@ WORKLOAD = Workload(
 MICRO_BATCH, GLOBAL_BATCH = 2, 8
 WARMUP_STEPS, TIMED_STEPS = 1, 5
 LOSS_RTOL = 1e-5
-SIDES = {"unpacked": [], "packed": ["--pack-sequences"]}
+SIDES = {"unpacked": ["--no-pack-sequences"], "packed": ["--pack-sequences"]}
 
 
 def run_ours(work_dir: Path, name: str, flags: list[str], out: Path, threads: int) -> dict:

@@ -11,8 +11,9 @@ minimise the mean loss over the 4 pairs of a step.
 
 Each side runs in its own subprocess (its peak RSS is its own), first with a reference forward every
 step (TRL's ``ref_model``, our ``--ref-mode replica``), then with precomputed reference log-probs
-(TRL's ``precompute_ref_log_probs``, our ``--ref-mode cache``). Ours runs twice per round: as is
-and with ``--pack-sequences`` (TRL unpacked: its ``padding_free`` needs flash-attention, a GPU).
+(TRL's ``precompute_ref_log_probs``, our ``--ref-mode cache``). Ours runs twice per round: with
+``--no-pack-sequences`` (the row the ratio is of) and with ``--pack-sequences`` (TRL unpacked: its
+``padding_free`` needs flash-attention, a GPU).
 The sides alternate in rounds (TRL, ours, ours packed, TRL, ...; ``--rounds``, default 3), so a
 load spike on the machine falls on every side; each ratio is the median of the per-round ratios,
 reported with its spread (min, max). Before the timings count, the run
@@ -160,7 +161,8 @@ def main() -> None:
         sides = {
             "trl": lambda r: run_side("_trl_side.py", [*common, "--order", ",".join(map(str, order))],
                                       work_dir / f"trl_{mode}_{r}.json", args.threads, target),
-            "ours": lambda r: run_side("_ours_side.py", common, work_dir / f"ours_{mode}_{r}.json", args.threads),
+            "ours": lambda r: run_side("_ours_side.py", [*common, "--extra", "--no-pack-sequences"],
+                                       work_dir / f"ours_{mode}_{r}.json", args.threads),
             "ours_packed": lambda r: run_side("_ours_side.py", [*common, "--extra", "--pack-sequences"],
                                               work_dir / f"ours_packed_{mode}_{r}.json", args.threads),
         }  # fmt: skip

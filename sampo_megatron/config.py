@@ -154,10 +154,11 @@ class TrainingConfig:
     """Pad each micro-batch only to its longest sequence (rounded up to a multiple of 8, of the TP
     size with --sequence-parallel and of 2 x CP) instead of --seq-length; pipeline-parallel runs
     (PP > 1) always pad to --seq-length."""
-    pack_sequences: bool = False
+    pack_sequences: bool | None = None
     """Lay the sequences of several whole pairs end to end in micro-batches of 2 x
     --micro-batch-size x --seq-length tokens (THD, attention confined to each sequence) instead of
-    padding each sequence: the same per-pair losses with little padding (docs/packing.md)."""
+    padding each sequence: the same per-pair losses with little padding (docs/packing.md). Neither
+    flag: on with the local spec where packing can run, off with the Transformer Engine spec."""
     response_logits_only: bool = True
     """Project through the output layer only the positions whose target is a response token (no
     logits at prompt or padding positions)."""
@@ -226,6 +227,10 @@ class CheckpointConfig:
     keep_last: int | None = None
     """Keep only the N newest complete checkpoints of --save: older ones are deleted once a newer one
     is complete (the one the marker names is never deleted)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core's asynchronous torch_dist save): training
+    continues while a forked process writes; the manifest and the marker follow once every rank's
+    write is complete, and a run waits for its last save before it exits."""
     finetune: bool = False
     """Load only the model weights from --load (new optimizer, schedule and data position)."""
     override_opt_param_scheduler: bool = False
@@ -251,6 +256,13 @@ class LoggingConfig:
     resumed run keeps its lines up to the resumed iteration and continues it."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
+    wandb_project: str | None = None
+    """Log every step's metrics to this Weights & Biases project (the logging rank; needs
+    pip install 'sampo-megatron[wandb]'; WANDB_MODE=offline without network)."""
+    wandb_exp_name: str | None = None
+    """The W&B run's name."""
+    wandb_save_dir: str | None = None
+    """Where W&B writes its files; when not set, <--save>/wandb (else ./wandb), as in Megatron-LM."""
 
 
 @dataclass
@@ -320,10 +332,10 @@ _SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
 
 
 def _choices() -> dict[str, list[str]]:
-    """Each choice field's values: its ``Literal`` type, or (losses) the registered names."""
-    from .losses import DEBIAS, LOSSES
+    """Each choice field's values: its ``Literal`` type, or (losses) the registries' names (losses/names.py)."""
+    from .losses.names import LENGTH_DEBIAS, LOSS_TYPES
 
-    choices = {"loss_type": LOSSES.names(), "length_debias": DEBIAS.names()}
+    choices = {"loss_type": sorted(LOSS_TYPES), "length_debias": sorted(LENGTH_DEBIAS)}
     for factory in _SECTION_TYPES.values():
         for f in dataclasses.fields(factory):
             hint = typing.get_type_hints(factory)[f.name]
@@ -368,6 +380,11 @@ def _flag_fields():
             yield section, f.name, _field_type(factory, f.name), docs.get(f.name, "")
 
 
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return "not set" if value is None else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="SamPO / DPO preference training on megatron-core",
@@ -377,9 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file whose keys are these flags' names")
     groups: dict[str, argparse._ArgumentGroup] = {}
     choices = _choices()
+    defaults = {(section, f.name): _default(f) for section, factory in _SECTION_TYPES.items() for f in dataclasses.fields(factory)}
     for section, name, ftype, doc in _flag_fields():
         group = groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + name.replace("_", "-")
+        # argument_default=SUPPRESS (so that a --config file's keys are not overridden by defaults)
+        # hides argparse's own "(default: ...)": the dataclass default is written into the help.
+        doc = f"{doc} (default: {defaults[section, name]})"
         if ftype is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=doc)
         else:

@@ -220,10 +220,24 @@ def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer, architecture, 
         )
 
 
+def packing_enabled(cfg: RunConfig) -> bool:
+    """Whether the run packs its sequences: ``--pack-sequences`` / ``--no-pack-sequences`` when
+    given; by default on where packing runs and was measured to help (the local spec, whose SDPA
+    attention gives the same per-pair values packed, bench/packing.py), off with the Transformer
+    Engine spec (its THD attention is checked by bench/gpu_check.py on a GPU, not here) and where
+    :func:`packing_problems` says packing cannot run."""
+    if cfg.training.pack_sequences is not None:
+        return cfg.training.pack_sequences
+    return cfg.model.transformer_impl == "local" and not packing_problems(cfg)
+
+
 def packing_problems(cfg: RunConfig) -> list[str]:
     """Why ``--pack-sequences`` cannot run with ``cfg``."""
     m, par = cfg.model, cfg.parallel
     p = []
+    if LOSSES[cfg.loss.loss_type].reads_micro_batch:
+        p.append(f"--pack-sequences regroups the pairs into micro-batches, and a --loss-type {cfg.loss.loss_type} pair's loss "
+                 "depends on the other pairs of its micro-batch: use --no-pack-sequences")  # fmt: skip
     if m.transformer_impl == "local" and m.local_attention != "sdpa":
         p.append("--pack-sequences needs --local-attention sdpa (megatron-core's local attention refuses packed sequences)")
     if par.context_parallel_size > 1:

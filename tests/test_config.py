@@ -1,5 +1,8 @@
 """Flags, YAML configs and model-configuration logic (no processes launched)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,6 +38,14 @@ def test_bad_flag_values_exit_with_usage():
         parse_config(["--loss-type", "dpo++"])
 
 
+def test_help_shows_every_flags_default():
+    from sampo_megatron.config import _flag_fields, build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert text.count("(default: ") == len(list(_flag_fields())) > 100
+    assert "Peak learning rate. (default: 1e-06)" in text and "Neither flag: on with the local spec" in text
+
+
 def test_vocab_padding_and_llama_ffn():
     assert padded_vocab_size(403, 64, 2) == 512
     assert padded_vocab_size(152064, 128, 8) == 152576  # a multiple of 128 x TP
@@ -46,3 +57,25 @@ def test_vocab_padding_and_llama_ffn():
 def test_transformer_engine_spec_fails_clearly_on_cpu():
     with pytest.raises(RuntimeError, match="transformer_engine needs a CUDA GPU"):
         layer_spec(ModelConfig(transformer_impl="transformer_engine"))
+
+
+def test_help_answers_without_importing_torch():
+    # --help in about a second: parsing needs neither torch nor megatron-core (the loss names come
+    # from sampo_megatron/losses/names.py)
+    code = (
+        "import sys\nfrom sampo_megatron.cli.train import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch loaded:', 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--length-debias" in out and out.strip().endswith("torch loaded: False")
+
+
+def test_registry_holds_exactly_the_listed_names():
+    from sampo_megatron.losses.registry import Registry
+
+    registry = Registry("thing", ("a", "b"))
+    registry.register("a")(object())
+    with pytest.raises(ValueError, match="'c' is not listed in sampo_megatron/losses/names.py"):
+        registry.register("c")
+    with pytest.raises(ValueError, match=r"\['b'\] listed in sampo_megatron/losses/names.py but never registered"):
+        registry.check_complete()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -161,3 +162,54 @@ def test_generate_under_srun_and_mpirun_like_torchrun(tmp_path):
            str(generate), *args("mpi")]  # fmt: skip
     run_all([(cmd, env)])
     assert (tmp_path / "mpi.jsonl").read_text() == expected
+
+
+# ----------------------------------------------------------------------------- the sbatch script
+STUBS = {
+    # one task: the step is the training process itself; its pid is what scancel signals
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\necho $$ > "$STUB_DIR/step.pid"\nexec "$@"\n',
+    "scancel": '#!/bin/bash\necho "scancel $*" >> "$STUB_DIR/calls"\nkill -TERM "$(cat "$STUB_DIR/step.pid")"\n',
+    "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$STUB_DIR/calls"\n',
+}
+
+
+def test_sbatch_script_saves_at_the_time_limit_signal_and_requeues(tmp_path):
+    """launch/slurm/sampo_srun.sbatch run by bash with srun, scancel and scontrol stubbed (no SLURM
+    here): USR1 (what `#SBATCH --signal=B:USR1@300` sends) makes the run save and exit 0 and the
+    job requeue; the requeued job's same command resumes and finishes, and does not requeue."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    save = tmp_path / "ckpt"
+    port = free_port()
+    env = clean_env(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", STUB_DIR=str(tmp_path), REPO=str(REPO_ROOT),
+                    PYTHON=sys.executable, SLURM_JOB_ID=str(port - 20000), SLURM_NTASKS="1", SLURM_PROCID="0",
+                    SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost")  # fmt: skip
+    args = ["bash", str(REPO_ROOT / "launch" / "slurm" / "sampo_srun.sbatch"), *FLAGS, "--tensor-model-parallel-size", "1",
+            "--train-iters", "30", "--save", str(save), "--save-interval", "1000", "--metrics-file", str(tmp_path / "m.jsonl")]  # fmt: skip
+    job = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text().strip():
+            assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
+            time.sleep(0.1)
+        os.kill(job.pid, signal.SIGUSR1)
+        out, _ = job.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-3000:]
+    at = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 1 <= at < 30 and "time limit near" in out and f"exiting after iteration {at} of 30" in out, out[-3000:]
+    assert (tmp_path / "calls").read_text().splitlines() == [f"scancel --signal=TERM {port - 20000}",
+                                                             f"scontrol requeue {port - 20000}"]  # fmt: skip
+
+    # the requeued job: the same command, to the end
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout and int((save / "latest_checkpointed_iteration.txt").read_text()) == 30
+    assert not (tmp_path / "calls").exists()  # finished: no requeue

@@ -64,9 +64,11 @@ def tdpo_single(tmp_path_factory, tdpo_reference):
 @pytest.mark.parametrize("loss_type", ["tdpo1", "tdpo2"])
 def test_tdpo_first_step_equals_float64_oracle(tmp_path, tdpo_reference, loss_type):
     oracle_file, metrics_file = tmp_path / "oracle.json", tmp_path / "metrics.jsonl"
+    # the oracle runs the model on the trainer's micro-batches as padded rows (packed TDPO equals
+    # unpacked TDPO: tests/test_packing.py)
     run_torchrun("tdpo_oracle_worker.py", 1, "--out", str(oracle_file), *BASE, "--tensor-model-parallel-size", "1",
                  *_tdpo_flags(tdpo_reference, loss_type), "--train-iters", "1", "--metrics-file", str(metrics_file),
-                 "--save", str(tmp_path / "ckpt"))  # fmt: skip
+                 "--save", str(tmp_path / "ckpt"), "--no-pack-sequences")  # fmt: skip
     oracle = json.loads(oracle_file.read_text())
     first = json.loads(metrics_file.read_text().splitlines()[0])
     assert oracle["kl/chosen"] > 1e-3  # the reference differs from the policy: the KL term is exercised

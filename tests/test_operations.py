@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sampo_megatron.config import TrainingConfig
 from sampo_megatron.runtime.checkpointing import prune_checkpoints
 from sampo_megatron.training.exit import ExitConditions
-from sampo_megatron.training.metrics import format_duration, prepare_metrics_file
+from sampo_megatron.training.metrics import MetricsLogger, format_duration, prepare_metrics_file
 
-from helpers import COMPARED, BackgroundRun, assert_same_steps, read_metrics, train, trainer_pids
+from helpers import COMPARED, BackgroundRun, assert_same_steps, read_metrics, torchrun_env, train, trainer_pids
+from wandb_history import read_history
 
 TP2 = ["--tensor-model-parallel-size", "2"]
 
@@ -89,22 +92,36 @@ HANDLER = [*TP2, "--train-iters", str(STEPS), "--save-interval", "3", "--lr", "0
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    metrics, _ = train(tmp_path_factory.mktemp("straight"), "straight", 2, *HANDLER)
-    return metrics
+def straight_run(tmp_path_factory):
+    """An uninterrupted run: its metrics and its --save directory (checkpoints at 3, 6 and 8)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    metrics, _ = train(tmp, "straight", 2, *HANDLER)
+    return metrics, tmp / "straight" / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[0]
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("moment", ["startup", "mid_training", "during_save"])
+@pytest.mark.parametrize("moment", ["startup", "cache_build", "mid_training", "during_save", "between_steps"])
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, moment):
-    run = BackgroundRun(tmp_path, "run", 2, *HANDLER)
+    # cache_build: the reference log-probs are read from a cache computed before the first step
+    # (the same values as the replica's, which the straight run uses)
+    flags = [*HANDLER, "--ref-mode", "cache"] if moment == "cache_build" else HANDLER
+    run = BackgroundRun(tmp_path, "run", 2, *flags)
     try:
         if moment == "startup":  # the data is read, the model not built yet, no step has run
             run.wait_for(lambda: "data: " in run.output())
+        elif moment == "cache_build":  # 32 forward-only steps over the epoch, before step 1
+            run.wait_for(lambda: "computing reference log-probs" in run.output())
         elif moment == "mid_training":
             run.wait_for(lambda: run.metrics.exists() and len(run.metrics.read_text().splitlines()) >= 2)
-        else:  # the periodic save at iteration 3 has begun
+        elif moment == "during_save":  # the periodic save at iteration 3 has begun
             run.wait_for(lambda: (run.ckpt / "iter_0000003").exists())
+        else:  # the save at iteration 3 is complete (its marker written), step 4 not yet begun or just
+            run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists() and run.marker() == 3)
         for pid in trainer_pids(str(run.dir), workers_only=True):  # as SLURM signals each task
             os.kill(pid, signal.SIGTERM)
         assert run.launcher.wait(timeout=120) == 0, run.output()[-3000:]
@@ -114,8 +131,10 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, 
     assert "exiting after iteration" in out and "SIGTERM received" in out, out[-3000:]
     last = read_metrics(run.metrics)[-1]["iteration"]
     assert run.marker() == last  # nothing lost: the checkpoint is the last finished step
+    if moment == "cache_build":  # the signal came before step 1: it ran, and the run stopped
+        assert last == 1 and "reference cache: 32 steps in" in out
     if last < STEPS:
-        _, out = train(tmp_path, "run", 2, *HANDLER)
+        _, out = train(tmp_path, "run", 2, *flags)
         assert f"at iteration {last}" in out
     everything = read_metrics(run.metrics)
     assert [m["iteration"] for m in everything] == list(range(1, STEPS + 1))  # each iteration once
@@ -138,8 +157,10 @@ def test_step_budget_exits_saves_and_keeps_the_last_checkpoints(tmp_path, straig
 
 
 @pytest.mark.multiprocess
-def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path):
-    run = BackgroundRun(tmp_path, "run", 2, *TP2, "--train-iters", "200", "--lr", "0.01")
+@pytest.mark.parametrize("handler", [False, True], ids=["no_handler", "exit_signal_handler"])
+def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path, handler):
+    flags = ["--exit-signal-handler"] if handler else []
+    run = BackgroundRun(tmp_path, "run", 2, *TP2, "--train-iters", "200", "--lr", "0.01", *flags)
     try:
         run.wait_for(lambda: run.metrics.exists())
         sent = time.monotonic()
@@ -153,3 +174,73 @@ def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path):
         time.sleep(0.1)
     assert trainer_pids(str(run.dir)) == []
     assert took < 10, (took, run.output()[-3000:])
+    if handler:  # it finished its step and saved it: nothing lost
+        assert "exiting after iteration" in run.output(), run.output()[-3000:]
+        assert run.marker() == read_metrics(run.metrics)[-1]["iteration"]
+
+
+def tensor_files(ckpt: Path) -> dict[str, str]:
+    """SHA-256 of each tensor file of a checkpoint (its manifest's entries), without the files that
+    record how the run was launched (run_config.json: the flags, --async-save included), when it was
+    written (torch's .metadata carries a save id) and common.pt (compared by content: a resumed
+    run pickles the same run state in other bytes)."""
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    return {name: e["sha256"] for name, e in files.items() if name not in ("run_config.json", ".metadata", "common.pt")}
+
+
+def assert_same_content(a, b, where: str) -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same_content(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_content(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where  # bitwise for floats without NaN
+    else:
+        assert a == b, where
+
+
+@pytest.mark.multiprocess
+def test_async_save_writes_the_same_checkpoints_and_resumes_the_same(tmp_path, straight_run):
+    straight, straight_ckpt = straight_run
+    flags = [*HANDLER, "--async-save"]
+    first, out = train(tmp_path, "run", 2, *flags, "--exit-interval", "5")  # saves 3 (in the background) and 5
+    assert [m["iteration"] for m in first] == [1, 2, 3, 4, 5]
+    assert out.index("exiting after iteration 5") > out.index("saved checkpoint") and "iter_0000005" in out
+    _, out = train(tmp_path, "run", 2, *flags)  # resumes at 5, saves 6 and 8
+    assert "at iteration 5" in out
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    for name in ("iter_0000003", "iter_0000006", "iter_0000008"):
+        assert tensor_files(ckpt / name) == tensor_files(straight_ckpt / name), name
+        common = [torch.load(c / name / "common.pt", weights_only=False) for c in (ckpt, straight_ckpt)]
+        assert_same_content(*common, f"{name}/common.pt")
+    everything = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert_same_steps(everything, straight, rel=1e-6, keys=COMPARED + ("lr",))
+
+
+def test_wandb_without_the_package_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    from sampo_megatron.training.wandb_writer import WandbWriter
+
+    with pytest.raises(RuntimeError, match=r"pip install 'sampo-megatron\[wandb\]'"):
+        MetricsLogger(True, 3, wandb=lambda: WandbWriter("p", None, str(tmp_path), {}))
+
+
+@pytest.mark.multiprocess
+def test_wandb_offline_history_holds_the_metrics_file_values(tmp_path):
+    env = torchrun_env(WANDB_MODE="offline", WANDB_SILENT="true")
+    metrics, _ = train(tmp_path, "run", 1, "--tensor-model-parallel-size", "1", "--wandb-project", "sampo-test",
+                       "--wandb-exp-name", "tiny", env=env)  # fmt: skip
+    # --wandb-save-dir defaults to <--save>/wandb (Megatron-LM), where W&B makes its own wandb/
+    runs = list((tmp_path / "run" / "ckpt" / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    history = read_history(runs[0])
+    assert [row["_step"] for row in history] == [m["iteration"] for m in metrics] == [1, 2, 3]
+    for row, line in zip(history, metrics):
+        numeric = {k: v for k, v in line.items() if k not in ("iteration", "time") and isinstance(v, (int, float))}
+        assert len(numeric) > 20 and {k: row.get(k) for k in numeric} == numeric

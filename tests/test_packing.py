@@ -11,9 +11,9 @@ import torch
 from sampo_megatron.config import parse_config
 from sampo_megatron.data import PairBatches, PairDataset, PreferencePair
 from sampo_megatron.data.packing import collate_packed, pack_pairs, packed_seq_params, pair_tokens, to_loss_rows
-from sampo_megatron.validation import config_problems
+from sampo_megatron.validation import config_problems, packing_enabled
 
-from helpers import COMPARED, BackgroundRun, assert_same_steps, train
+from helpers import BASE, COMPARED, BackgroundRun, assert_same_steps, run_torchrun, train
 
 
 def pair(sample_id: int, prompt: int, chosen: int, rejected: int) -> PreferencePair:
@@ -81,11 +81,32 @@ def test_packed_batches_cover_the_step_and_scale_the_loss_to_the_global_mean():
         (["--context-parallel-size", "2", "--transformer-impl", "transformer_engine"], "does not support --context-parallel-size"),
         (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"],
          "interleaved pipeline"),
+        (["--loss-type", "kto_pair"], "a --loss-type kto_pair pair's loss depends on the other pairs of its micro-batch"),
+        (["--loss-type", "bco_pair"], "a --loss-type bco_pair pair's loss depends on the other pairs of its micro-batch"),
     ],
 )  # fmt: skip
 def test_packing_refuses_what_it_cannot_do(flags, problem):
-    cfg = parse_config(["--pack-sequences", "--data-path", "x", "--tokenizer-model", "y", "--train-iters", "1", *flags])
+    base = ["--data-path", "x", "--tokenizer-model", "y", "--train-iters", "1", *flags]
+    cfg = parse_config(["--pack-sequences", *base])
     assert any(problem in p for p in config_problems(cfg, purpose="generate")), config_problems(cfg, purpose="generate")
+    # by default such a run is simply not packed
+    default = parse_config(base)
+    assert not packing_enabled(default) and not any("pack" in p for p in config_problems(default, purpose="generate"))
+
+
+@pytest.mark.parametrize(
+    "flags,packed",
+    [
+        ([], True),  # the local spec (SDPA attention): measured and proven (docs/packing.md)
+        (["--no-pack-sequences"], False),
+        (["--transformer-impl", "transformer_engine"], False),  # THD numerics are checked on a GPU only
+        (["--transformer-impl", "transformer_engine", "--pack-sequences"], True),
+        (["--pipeline-model-parallel-size", "2", "--num-layers", "4"], True),
+    ],
+)  # fmt: skip
+def test_packing_is_on_by_default_where_it_runs_and_was_measured(flags, packed):
+    cfg = parse_config(["--data-path", "x", "--tokenizer-model", "y", "--train-iters", "1", *flags])
+    assert packing_enabled(cfg) is packed
 
 
 # ------------------------------------------------------------------------ packed = unpacked
@@ -103,14 +124,12 @@ def assert_packed_matches(packed: list[dict], plain: list[dict], keys=PACKED_KEY
     assert_same_steps(packed, plain, rel=1e-5, keys=("loss",))
     assert_same_steps(packed, plain, rel=1e-4, keys=keys)
 TP1 = ["--tensor-model-parallel-size", "1", "--train-iters", "4"]
+# 4-step runs at TP=1. The objectives dpo, sampo (both masks), sampo_topk, sanorm and simpo are
+# compared pair by pair and gradient by gradient at every layout below
+# (test_packed_pairs_and_gradients_equal_unpacked); here: SamPO over several steps, the replica's
+# kept hidden states (TDPO's KL) and the reference cache's unpacked rows.
 OBJECTIVES = {
-    "dpo": ["--length-debias", "none"],
     "sampo_shared": ["--length-debias", "sampo"],
-    "sampo_independent": ["--length-debias", "sampo", "--sampo-mask", "independent"],
-    "sampo_topk": ["--length-debias", "sampo_topk"],
-    "sanorm": ["--length-debias", "sanorm"],
-    "simpo": ["--length-debias", "none", "--loss-type", "simpo"],
-    # the replica's kept hidden states (TDPO's KL) and the reference cache's unpacked rows
     "tdpo2": ["--length-debias", "none", "--loss-type", "tdpo2"],
     "sampo_cache": ["--length-debias", "sampo", "--ref-mode", "cache"],
 }
@@ -119,7 +138,7 @@ OBJECTIVES = {
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_packed_training_equals_unpacked(tmp_path, objective):
-    plain, _ = train(tmp_path, "plain", 1, *TP1, *OBJECTIVES[objective])
+    plain, _ = train(tmp_path, "plain", 1, *TP1, *OBJECTIVES[objective], "--no-pack-sequences")
     packed, out = train(tmp_path, "packed", 1, *TP1, *OBJECTIVES[objective], "--pack-sequences")
     assert len(packed) == 4
     assert_packed_matches(packed, plain)
@@ -134,18 +153,48 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def unpacked_sampo(tmp_path_factory):
-    metrics, _ = train(tmp_path_factory.mktemp("unpacked"), "plain", 1, *TP1, *OBJECTIVES["sampo_shared"])
-    return metrics
+BETA = 0.1  # examples/tiny_cpu.yaml
+
+
+def pair_values(tmp_path, nproc: int, *flags: str) -> dict:
+    """tests/workers/packed_pairs_worker.py: one step per objective, unpacked and packed; per-pair
+    values and gradients."""
+    out = tmp_path / "pairs.pt"
+    run_torchrun("packed_pairs_worker.py", nproc, "--out", str(out), *BASE, "--save", str(tmp_path / "run"), *flags)
+    return torch.load(out, weights_only=False)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_packed_layouts_equal_unpacked_single_process(tmp_path, unpacked_sampo, layout):
-    nproc, flags = LAYOUTS[layout]
-    packed, _ = train(tmp_path, layout, nproc, *TP1, *flags, *OBJECTIVES["sampo_shared"], "--pack-sequences")
-    assert_packed_matches(packed, unpacked_sampo)
+@pytest.mark.parametrize("layout", ["tp1", *LAYOUTS])
+def test_packed_pairs_and_gradients_equal_unpacked(tmp_path, layout):
+    """Every pair's loss, rewards (debiased and full), log-prob sums and token log-probs, and every
+    parameter's gradient after one step, packed vs unpacked at the same layout, for each objective
+    of the worker (dpo, sampo shared and independent, sampo_topk, sanorm, simpo).
+
+    Tolerance rel 1e-5 everywhere. A reward is beta x a difference of a policy and a reference sum
+    of log-probs (fp32, rounded differently in a packed row): it is compared at rel 1e-5 of those
+    sums, beta x (|policy sum| + |reference sum|), taken as beta x 2 x the pair's larger full sum."""
+    nproc, flags = LAYOUTS.get(layout, (1, []))
+    values = pair_values(tmp_path, nproc, *TP1, *flags)
+    plain, packed = values["unpacked"], values["packed"]
+    assert plain.keys() == packed.keys() and len(plain) == 6
+    for objective, expected in plain.items():
+        actual = packed[objective]
+        assert actual["packed"] and not expected["packed"]
+        assert sorted(actual["pairs"]) == sorted(expected["pairs"]) and len(expected["pairs"]) == 8
+        for sample_id, values in expected["pairs"].items():
+            for key, value in values.items():
+                where = (objective, sample_id, key)
+                if isinstance(value, torch.Tensor):  # the response tokens' log-probs
+                    torch.testing.assert_close(actual["pairs"][sample_id][key], value, rtol=1e-5, atol=1e-6, msg=str(where))
+                else:
+                    sums = 2 * BETA * max(abs(values["logps_full/chosen"]), abs(values["logps_full/rejected"]))
+                    floor = 1e-5 * sums if key.startswith("rewards") else 1e-7
+                    assert actual["pairs"][sample_id][key] == pytest.approx(value, rel=1e-5, abs=floor), where
+        assert actual["grads"].keys() == expected["grads"].keys()
+        for name, grad in expected["grads"].items():
+            error = float((actual["grads"][name] - grad).norm() / grad.norm())
+            assert error <= 1e-5, (objective, name, error)
 
 
 @pytest.mark.multiprocess

@@ -124,8 +124,8 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
 
 
 def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_path):
-    # 60 steps: long enough that the run is still training while a second run tries the directory
-    flags = [*TP2, "--train-iters", "60", "--save-interval", "3", "--lr", "0.01"]
+    # 40 steps: long enough that the run is still training while a second run tries the directory
+    flags = [*TP2, "--train-iters", "40", "--save-interval", "3", "--lr", "0.01"]
     straight, _ = train(tmp_path, "straight", 2, *flags)
 
     run = BackgroundRun(tmp_path, "killed", 2, *flags)
@@ -142,11 +142,11 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
         time.sleep(0.2)
     assert trainer_pids(str(run.dir)) == [], "ranks outlived their launcher"
     at = run.marker()
-    assert 3 <= at < 60
+    assert 3 <= at < 40
 
     resumed, out = train(tmp_path, "killed", 2, *flags)
     assert "took over the lock of a run that is gone" in out and f"at iteration {at}" in out
-    assert_same_steps(resumed[-(60 - at) :], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
+    assert_same_steps(resumed[-(40 - at) :], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
 
 
 def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):

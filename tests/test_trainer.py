@@ -71,11 +71,15 @@ def test_iterative_reference_update_restarts_rewards_each_epoch(tmp_path, ref_mo
         "--ref-update", "epoch", "--ref-mode", ref_mode, "--train-iters", "6",
     )  # fmt: skip
     assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]
+    # At an epoch's start the reference is the policy: rewards 0 up to rounding. (The replica's
+    # weights need no gradient, and megatron-core's layers then take another code path, which on a
+    # packed row at TP 2 rounds one ulp away: rewards ~1e-7. Mid-epoch they are ~0.1.)
     for m in metrics:
         at_epoch_start = m["iteration"] % 2 == 1
-        assert (m["rewards/margins"] == 0.0 and m["rewards/chosen"] == 0.0) == at_epoch_start, m
+        restarted = abs(m["rewards/margins"]) < 1e-6 and abs(m["rewards/chosen"]) < 1e-6
+        assert restarted == at_epoch_start, m
         if at_epoch_start:
-            assert m["loss"] == pytest.approx(math.log(2), rel=1e-7)
+            assert m["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert out.count("reference updated to the current policy") == 2
 
 

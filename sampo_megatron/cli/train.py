@@ -30,12 +30,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigFileError
     from ..runtime.checkpointing import CheckpointLoadError
     from ..training.nonfinite import NonFiniteError
+    from ..training.reference_cache import CacheMismatchError
     from ..training.run_config import ConfigChangeError
     from ..training.run_lock import RunLockError
     from ..validation import ConfigError
 
     return (CompatError, UnsupportedMegatronError, CheckpointLoadError, NonFiniteError, ConfigChangeError, RunLockError,
-            ConfigError, ConfigFileError)  # fmt: skip
+            ConfigError, ConfigFileError, CacheMismatchError)  # fmt: skip
 
 
 def exit_with(err: BaseException, status: int = 1) -> None:
@@ -52,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     from ..training.run_lock import die_with_launcher
 
     die_with_launcher()  # under torchrun: a rank never outlives its launcher (training/run_lock.py)
-    errors = user_errors()
     from ..config import parse_config
 
     try:
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         from ..training.trainer import run
 
         run(cfg)
-    except errors as err:
+    except Exception as err:
+        if not isinstance(err, user_errors()):  # imported here: --help answers before torch loads
+            raise
         exit_with(err)
     except KeyboardInterrupt:
         # Ctrl-C without --exit-signal-handler: stop now, one line. No clean-up: destroying the

@@ -5,6 +5,7 @@
 - :mod:`.cpu`: the CPU layer (active only without CUDA), with each site per release line.
 - :mod:`.optimizer_state`: torch-Adam optimizer state at checkpoint save/load (both lines).
 - :mod:`.checkpoint_writer`: stopping the torch_dist writer's helper process (both lines).
+- :mod:`.async_save`: selecting megatron-core's own asynchronous save (the argument 0.19 added).
 - :mod:`.output_layer`: what the response-logits hook relies on in the output layer (both lines).
 
 Each workaround asserts that what it patches exists in the installed release, so a release that

@@ -34,7 +34,7 @@ optimizer (``Float16OptimizerWithFloat16Params``) and distributed-optimizer chec
 and resume. The fp16 dynamic grad scaler is patched too (overflow check, all-reduce and scaler state
 run on CPU). Generation's key/value cache (``StaticInferenceContext``) is allocated on the CPU.
 Not patched (they still need CUDA): CUDA graphs, several
-distributed-optimizer instances (CUDA streams), async checkpoint save (``async_utils.py``).
+distributed-optimizer instances (CUDA streams).
 On gloo, interleaved pipelines need ``batch_p2p_comm=False`` (the batched path gave wrong
 gradients, see docs/compatibility.md); that is a config choice, not a
 patch. With dropout > 0 the tracker logs "CPU RNG state changed within GPU RNG context", because on
@@ -275,6 +275,13 @@ _SHIMMED_MODULES: tuple[ShimmedModule, ...] = (
         "preload_tensors calls torch.cuda.synchronize() (torch_dist save)",
         ("torch.cuda.synchronize()",),
         {"0.16": "filesystem_async.py:230", "0.19": "filesystem_async.py:248"},
+    ),
+    ShimmedModule(
+        "megatron.core.dist_checkpointing.strategies.async_utils",
+        "--async-save: TemporalAsyncCaller.schedule_async_call synchronizes; sync_all_async_calls and "
+        "AsyncCallsQueue.maybe_finalize_async_calls all-reduce a flag on current_device()",
+        ("torch.cuda.synchronize()", _CURRENT_DEVICE),
+        {"0.16": "async_utils.py:165,212,604", "0.19": "async_utils.py:224,273,698"},
     ),
     ShimmedModule(
         "megatron.core.dist_checkpointing.strategies.state_dict_saver",

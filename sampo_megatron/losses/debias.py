@@ -32,6 +32,7 @@ from ..sampling import (
     sampled_kept_mask,
     topk_kept_mask,
 )
+from .names import LENGTH_DEBIAS
 from .registry import Registry
 
 
@@ -75,7 +76,7 @@ class DebiasWeights:
     """``[R]`` effective token count (float)."""
 
 
-DEBIAS: Registry[Callable[[DebiasInputs], DebiasWeights]] = Registry("length debias")
+DEBIAS: Registry[Callable[[DebiasInputs], DebiasWeights]] = Registry("length debias", LENGTH_DEBIAS)
 
 
 def _sampled_weights(inputs: DebiasInputs, streams: tuple[int, ...]) -> list[torch.Tensor]:
@@ -135,5 +136,7 @@ def ld_dpo(inputs: DebiasInputs) -> DebiasWeights:
     keep = inputs.keep_counts.double()
     return DebiasWeights(weights, weights, keep + inputs.ld_alpha * (inputs.lengths.double() - keep))
 
+
+DEBIAS.check_complete()
 
 __all__ = ["CHOSEN", "DEBIAS", "DebiasInputs", "DebiasWeights", "REJECTED"]

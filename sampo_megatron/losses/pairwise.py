@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LossConfig
+from .names import LOSS_TYPES
 from .registry import Registry
 
 
@@ -60,9 +61,12 @@ class LossSpec:
     reference_free: bool = False
     needs_token_kl: bool = False
     needs_reward_mean: bool = False
+    reads_micro_batch: bool = False
+    """A pair's loss depends on the other pairs of its micro-batch (batch means, a running mean
+    updated per micro-batch): packing, which regroups pairs, would change it."""
 
 
-LOSSES: Registry[LossSpec] = Registry("loss type")
+LOSSES: Registry[LossSpec] = Registry("loss type", LOSS_TYPES)
 
 
 def register_loss(name: str, **spec) -> Callable:
@@ -117,7 +121,7 @@ def dpop(pair: PairValues, cfg: LossConfig) -> LossTerms:
     return _rewards(pair, -F.logsigmoid(cfg.beta * (_margin(pair) - cfg.dpop_lambda * penalty)), cfg)
 
 
-@register_loss("bco_pair", needs_reward_mean=True)
+@register_loss("bco_pair", needs_reward_mean=True, reads_micro_batch=True)
 def bco_pair(pair: PairValues, cfg: LossConfig) -> LossTerms:
     """BCO (Jung et al. 2024), paired: ``-log sigma(beta r_w - delta) - log sigma(-(beta r_l - delta))``.
 
@@ -144,7 +148,7 @@ def sppo_hard(pair: PairValues, cfg: LossConfig) -> LossTerms:
     return _rewards(pair, losses, cfg)
 
 
-@register_loss("kto_pair")
+@register_loss("kto_pair", reads_micro_batch=True)
 def kto_pair(pair: PairValues, cfg: LossConfig) -> LossTerms:
     """KTO on pairs (Ethayarajh et al. 2024, HALOs Eq. 7), as TRL's ``kto_pair``.
 
@@ -252,3 +256,6 @@ def tdpo1(pair: PairValues, cfg: LossConfig) -> LossTerms:
 def tdpo2(pair: PairValues, cfg: LossConfig) -> LossTerms:
     """TDPO2 (Zeng et al. 2024, Eq. 20): ``-log sigma(beta (u - alpha (D_l - sg(D_w))))``."""
     return _tdpo(pair, cfg, kl_weight=cfg.tdpo_alpha, detach_chosen_kl=True)
+
+
+LOSSES.check_complete()

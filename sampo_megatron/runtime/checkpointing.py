@@ -255,12 +255,19 @@ def _sharded_state(chunks, contents: CheckpointContents, loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None, finish=None) -> str:
-    """Write ``iter_XXXXXXX`` on all ranks, then (rank 0) point the marker at it.
+def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointContents, dp_group=None, finish=None,
+                    on_complete=None, async_queue=None) -> str:
+    """Write ``iter_XXXXXXX`` on all ranks, then its manifest, then (rank 0) point the marker at it.
 
     Args:
         finish: called on rank 0 with the checkpoint directory once its tensors are written and
-            before the marker moves, for files that belong to the checkpoint.
+            before the manifest and the marker, for files that belong to the checkpoint.
+        on_complete: called on every rank with the checkpoint directory once the marker names it.
+        async_queue: megatron-core's ``AsyncCallsQueue`` (``--async-save``): the tensors are
+            written by a forked process (a snapshot of this moment) and everything after them
+            (``finish``, manifest, marker, ``on_complete``) runs when the queue finalizes the save,
+            a collective step once every rank's write is complete. Without it all of this happens
+            before the function returns.
 
     Returns:
         The checkpoint directory.
@@ -273,19 +280,34 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
             shutil.rmtree(ckpt)  # left by a save that never completed (the marker never named it)
         os.makedirs(ckpt, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, contents, loading=False), ckpt, _strategies(None, dp_group))
-    stop_writer_manager()
-    if finish is not None and dist.get_rank() == 0:
-        finish(ckpt)  # extra files (architecture, run configuration, tokenizer) belong to the checkpoint
-    dist.barrier()
-    _write_manifest(ckpt)
-    if os.environ.get(_KILL_BEFORE_MARKER_ENV) == str(iteration):
-        import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
-    if dist.get_rank() == 0:
-        _write_marker(save_dir, iteration)
-    dist.barrier()
+    def complete() -> None:
+        stop_writer_manager()
+        if finish is not None and dist.get_rank() == 0:
+            finish(ckpt)  # extra files (architecture, run configuration, tokenizer) belong to the checkpoint
+        dist.barrier()
+        _write_manifest(ckpt)
+        if os.environ.get(_KILL_BEFORE_MARKER_ENV) == str(iteration):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if dist.get_rank() == 0:
+            _write_marker(save_dir, iteration)
+        dist.barrier()
+        if on_complete is not None:
+            on_complete(ckpt)
+
+    state = _sharded_state(chunks, contents, loading=False)
+    if async_queue is None:
+        dist_checkpointing.save(state, ckpt, _strategies(None, dp_group))
+        complete()
+    else:
+        from ..compat.async_save import async_save_kwargs
+
+        request = dist_checkpointing.save(state, ckpt, _strategies(None, dp_group), async_sharded_save=True,
+                                          **async_save_kwargs())  # fmt: skip
+        request.add_finalize_fn(complete)
+        async_queue.schedule_async_request(request)
     return ckpt
 
 

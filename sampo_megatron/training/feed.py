@@ -11,6 +11,8 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..data import DataOptions, MicroBatch, PairBatches, PairDataset, load_pairs
 from ..runtime.distributed import ParallelInfo
+from ..validation import packing_enabled
+from .reference_cache import pairs_fingerprint
 from .run_config import data_fingerprint
 
 
@@ -61,7 +63,7 @@ class StepFeed:
         self.par = par
         self.micro_batch_size = tr.micro_batch_size
         self.num_pairs = len(pairs)
-        pack_capacity = 2 * tr.micro_batch_size * tr.seq_length if tr.pack_sequences else None
+        pack_capacity = 2 * tr.micro_batch_size * tr.seq_length if packing_enabled(cfg) else None
         self.batches = PairBatches(PairDataset(pairs, tr.seed), tr.global_batch_size, tr.seq_length, tokenizer.pad_id,
                                    pad_to_multiple_of=pad_multiple(cfg), pack_capacity=pack_capacity)  # fmt: skip
         self.train_iters = tr.train_iters if tr.train_iters is not None else tr.train_epochs * self.batches.steps_per_epoch
@@ -71,6 +73,12 @@ class StepFeed:
             "data_fingerprint": data_fingerprint(pairs),
             "tokenizer_fingerprint": tokenizer.fingerprint(),
         }
+
+    def cache_fingerprint(self) -> dict:
+        """What a reference cache reads from the data (training/reference_cache.py): every pair's
+        tokens (read once more), their count and the tokenizer."""
+        pairs = self.batches.dataset.pairs
+        return {"pairs": pairs_fingerprint(pairs), "num_pairs": len(pairs), "tokenizer": self.derived["tokenizer_fingerprint"]}
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,15 +1,19 @@
-"""Per-step metrics: a console line, a JSONL file and TensorBoard scalars (on one logging rank)."""
+"""Per-step metrics: a console line, a JSONL file, TensorBoard scalars and W&B (on one logging rank)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 
 from .nonfinite import sanitize_metrics
+
+if TYPE_CHECKING:
+    from .wandb_writer import WandbWriter
 
 # Console columns, in order; everything else goes to the file and TensorBoard only.
 _CONSOLE = (
@@ -114,6 +118,7 @@ class MetricsLogger:
         metrics_file: JSONL path (see :func:`prepare_metrics_file`).
         tensorboard_dir: TensorBoard log directory.
         start_iteration: the iteration the run starts after (0: fresh).
+        wandb: builds the W&B writer (training/wandb_writer.py), called on the logging rank only.
     """
 
     def __init__(
@@ -124,12 +129,14 @@ class MetricsLogger:
         metrics_file: str | None = None,
         tensorboard_dir: str | None = None,
         start_iteration: int = 0,
+        wandb: Callable[[], WandbWriter] | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_iters = total_iters
         self.log_interval = max(1, log_interval)
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         if metrics_file:
@@ -144,6 +151,8 @@ class MetricsLogger:
             except ImportError as err:
                 raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb is not None:
+            self._wandb = wandb()
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -156,6 +165,8 @@ class MetricsLogger:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(name, value, iteration)
+        if self._wandb is not None:
+            self._wandb.log(iteration, metrics)
         if iteration % self.log_interval == 0 or iteration == self.total_iters or "nonfinite" in metrics:
             fields = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in _CONSOLE if key in metrics]
             if "time/elapsed_s" in metrics:
@@ -177,3 +188,6 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None

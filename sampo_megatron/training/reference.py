@@ -4,7 +4,8 @@
 - :class:`ReplicaReference`: a frozen copy of the policy runs forward-only each step (for TDPO it
   also keeps its final hidden states at the response positions: see training/step.py);
 - :class:`CachedReference`: per-token log-probs computed once per reference version, memory-mapped
-  from disk (:class:`ReferenceCache`), so training holds one model.
+  from disk (:class:`~.reference_cache.ReferenceCache`, refused when computed for something else),
+  so training holds one model.
 
 Each answers the same three questions for the trainer: :meth:`Reference.on_step` (react to an
 epoch boundary: Iterative SamPO makes the policy the reference; a cache is built when missing),
@@ -17,22 +18,22 @@ resumed run rebuilds exactly the reference it had.
 
 from __future__ import annotations
 
-import json
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..data import MicroBatch
 from ..models.response_logits import output_weight
 from ..models.weights import initialize_deterministically
-from ..runtime.checkpointing import CheckpointContents, load_checkpoint
+from ..runtime.checkpointing import CheckpointContents, load_checkpoint, resolve_checkpoint
 from ..runtime.distributed import ParallelInfo
 from .feed import schedule_seq_length
+from .metrics import format_duration
+from .reference_cache import ReferenceCache, checkpoint_identity
 from .step import StepContext, reference_forward_step
 
 
@@ -78,6 +79,13 @@ class ReferenceEnv:
     steps_per_epoch: int = 0
     iterative: bool = False
     """``--ref-update epoch``."""
+    cache_fingerprint: dict | None = None
+    """What a reference cache depends on besides the reference's weights: ``pairs``, ``tokenizer``,
+    ``num_pairs``, ``seq_length`` (training/reference_cache.py)."""
+    model_fingerprint: str = ""
+    """The model's architecture: with the seed, the identity of a randomly initialised reference."""
+    run_dir: str = ""
+    """The run's --save: the identity of an Iterative reference (this run's policy at an epoch)."""
 
 
 def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext, seq_length: int,
@@ -130,6 +138,20 @@ def materialise(chunks: list, source: ReferenceSource, env: ReferenceEnv, resume
         initialize_deterministically(chunks, seed=source.seed, vocab_size=env.vocab_size)
     else:
         raise ValueError(f"a {source.kind!r} reference has no weights to load")
+
+
+def with_progress(steps, total: int, message: Callable[[str], None], every_s: float = 30.0):
+    """Yield ``steps``, saying how far the cache's computation is every ``every_s`` seconds and when
+    it is done (a large model's cache takes as long as a forward pass over the whole epoch)."""
+    begin = last = time.monotonic()
+    for done, step in enumerate(steps):
+        now = time.monotonic()
+        if done and now - last >= every_s:
+            left = (now - begin) / done * (total - done)
+            message(f"reference cache: {done}/{total} steps ({100 * done / total:.0f}%), ETA {format_duration(left)}")
+            last = now
+        yield step
+    message(f"reference cache: {total} steps in {format_duration(time.monotonic() - begin)}")
 
 
 class Reference:
@@ -215,11 +237,27 @@ class CachedReference(Reference):
     def __init__(self, env: ReferenceEnv, source: ReferenceSource, cache: ReferenceCache, version: int = 0) -> None:
         super().__init__(env, source, version)
         self.cache = cache
+        self._ready_version: int | None = None
+        """The version whose cache was found complete and matching (checked once, not every step)."""
+
+    def fingerprint(self) -> dict:
+        """What the cache of the current version is computed from (checked before it is read)."""
+        source, env = self.source, self.env
+        if source.kind == "checkpoint":
+            reference = checkpoint_identity(resolve_checkpoint(source.path) or source.path)
+        elif source.kind == "init":
+            reference = f"init:seed={source.seed}:model={env.model_fingerprint}"
+        else:  # this run's policy at the start of epoch `version`
+            reference = f"policy:epoch={self.version}:run={os.path.abspath(env.run_dir)}"
+        return {**(env.cache_fingerprint or {}), "reference": reference}
 
     def on_step(self, epoch: int, step: int) -> None:
         super().on_step(epoch, step)
-        if not self.cache.is_complete(self.version):
+        if self._ready_version == self.version:
+            return
+        if not self.cache.is_complete(self.version, self.fingerprint()):
             self._build(epoch, step)
+        self._ready_version = self.version
 
     def _build(self, epoch: int, step: int) -> None:
         env = self.env
@@ -235,13 +273,13 @@ class CachedReference(Reference):
             materialise(chunks, self.source, env, None)
         env.message(f"computing reference log-probs for the cache (version {self.version}) ...")
         spe = env.steps_per_epoch
-        steps = (env.micro_batches(s) for s in range(epoch * spe, (epoch + 1) * spe))
+        steps = with_progress((env.micro_batches(s) for s in range(epoch * spe, (epoch + 1) * spe)), spe, env.message)
 
         def compute(micro_batches):
             out = forward_only_logps(chunks, micro_batches, env.ctx, env.seq_length)
             return out if env.par.writes_results else None
 
-        self.cache.build(self.version, steps, compute)
+        self.cache.build(self.version, steps, compute, self.fingerprint())
 
     def attach(self, micro_batches: list[MicroBatch]) -> None:
         if not self.env.par.is_last_stage:
@@ -256,68 +294,3 @@ class CachedReference(Reference):
 
                 ref_logps = get_batch_on_this_cp_rank({"ref_logps": ref_logps})["ref_logps"]
             batch["ref_logps"] = ref_logps
-
-
-class ReferenceCache:
-    """Per-token reference log-probs of every pair, ``[pairs, 2 (chosen, rejected), S]`` float32,
-    memory-mapped from ``<dir>/ref_logps_v<version>.npy``. A ``.json`` beside it is written last and
-    marks the file complete, so an interrupted computation is redone, never read."""
-
-    def __init__(self, directory: str, num_pairs: int, seq_length: int) -> None:
-        self.directory = directory
-        self.shape = (num_pairs, 2, seq_length)
-        self._version: int | None = None
-        self._array: np.ndarray | None = None
-
-    def _paths(self, version: int) -> tuple[str, str]:
-        stem = os.path.join(self.directory, f"ref_logps_v{version}")
-        return stem + ".npy", stem + ".json"
-
-    def is_complete(self, version: int) -> bool:
-        data, meta = self._paths(version)
-        if not (os.path.isfile(data) and os.path.isfile(meta)):
-            return False
-        with open(meta) as f:
-            return tuple(json.load(f)["shape"]) == self.shape
-
-    def build(self, version: int, steps, compute) -> None:
-        """Fill the cache for ``version``.
-
-        Args:
-            steps: iterable of lists of micro-batches (this rank's share of each global batch).
-            compute: ``micro_batches -> list of [2P, S] tensors`` on ranks that write, else ``None``.
-        """
-        data, meta = self._paths(version)
-        if dist.get_rank() == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            np.lib.format.open_memmap(data, mode="w+", dtype=np.float32, shape=self.shape).flush()
-        dist.barrier()
-        array = np.lib.format.open_memmap(data, mode="r+")
-        for micro_batches in steps:
-            results = compute(micro_batches)
-            if results is None:
-                continue
-            for batch, logps in zip(micro_batches, results):
-                pairs = batch["sample_ids"].cpu().numpy()
-                chosen, rejected = logps.float().cpu().chunk(2, dim=0)
-                width = chosen.shape[1]  # a micro-batch may be narrower than seq_length; the rest stays 0
-                array[pairs, 0, :width] = chosen.numpy()
-                array[pairs, 1, :width] = rejected.numpy()
-        array.flush()
-        del array
-        dist.barrier()
-        if dist.get_rank() == 0:
-            with open(meta, "w") as f:
-                json.dump({"shape": list(self.shape), "version": version}, f)
-        dist.barrier()
-
-    def lookup(self, version: int, sample_ids: torch.Tensor, width: int | None = None) -> torch.Tensor:
-        """``[2P, width]`` reference log-probs of these pairs (chosen rows, then rejected rows);
-        ``width`` defaults to the cache's sequence length."""
-        if self._version != version:
-            if not self.is_complete(version):
-                raise FileNotFoundError(f"reference cache {self._paths(version)[0]} is missing or incomplete")
-            self._array = np.load(self._paths(version)[0], mmap_mode="r")
-            self._version = version
-        rows = torch.from_numpy(np.ascontiguousarray(self._array[sample_ids.cpu().numpy(), :, :width]))
-        return torch.cat([rows[:, 0], rows[:, 1]], dim=0)

@@ -10,32 +10,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import time
 from functools import partial
-
-import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data import load_tokenizer
 from ..data.tokenizer import copy_tokenizer_into
 from ..losses import LOSSES, RunningMean
-from ..models.architecture import run_architecture, write_architecture
+from ..models.architecture import model_architecture, run_architecture, write_architecture
 from ..models.gpt import check_fp8_available, model_vocab_sizes, transformer_config
 from ..runtime.builders import build_chunks, build_optimizer, build_scheduler, resolve_architecture, wrap_ddp
-from ..runtime.checkpointing import CheckpointContents, prune_checkpoints, save_checkpoint, select_checkpoint
+from ..runtime.checkpointing import CheckpointContents, select_checkpoint
 from ..runtime.distributed import close_distributed, init_distributed, init_model_parallel, rank0_print
-from ..validation import check_tokenizer_matches_checkpoint, validate_or_raise
+from ..validation import check_tokenizer_matches_checkpoint, packing_enabled, validate_or_raise
 from .exit import ExitConditions
 from .feed import StepFeed, schedule_seq_length
 from .metrics import MetricsLogger, peak_memory_gib, reduce_step_metrics
 from .monitor import VerbosityMonitor
 from .nonfinite import NonFiniteError, nonfinite_message, nonfinite_parts
-from .reference import CachedReference, NoReference, Reference, ReferenceCache, ReferenceEnv, ReferenceSource, ReplicaReference
+from .reference import CachedReference, NoReference, Reference, ReferenceEnv, ReferenceSource, ReplicaReference
+from .reference_cache import ReferenceCache
 from .resume import start
 from .run_config import format_config, resolved_record, write_run_config
 from .run_lock import lock_save_dir
+from .saving import Saver
 from .step import StepContext, policy_forward_step
+from .wandb_writer import WandbWriter, wandb_save_dir
 
 # The tokenizer travels with every checkpoint, here (models/architecture.py stores the path relative).
 CHECKPOINT_TOKENIZER_DIR = "tokenizer"
@@ -49,6 +53,7 @@ class Trainer:
         # first: a signal during start-up is recorded too (the run stops after its first step)
         self.exits = ExitConditions(cfg.training)
         self.architecture = resolve_architecture(cfg)
+        cfg.training.pack_sequences = packing_enabled(cfg)  # the default depends on the model (above)
         validate_or_raise(cfg)
         check_fp8_available(cfg.model, cfg.training)
         init_distributed()
@@ -92,10 +97,14 @@ class Trainer:
         self.reference.restore(self.resumed_from)
         if LOSSES[cfg.loss.loss_type].needs_token_kl:  # TDPO (validation allows only the replica)
             self.ctx.ref_output_weight = self.reference.output_weight
-        self.logger = MetricsLogger(
-            par.logs, self.train_iters, cfg.logging.log_interval, cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
-            start_iteration=self.state.iteration,
-        )  # fmt: skip
+        log = cfg.logging
+        wandb = None
+        if log.wandb_project:
+            wandb = partial(WandbWriter, log.wandb_project, log.wandb_exp_name,
+                            wandb_save_dir(log.wandb_save_dir, cfg.checkpoint.save), cfg.to_dict())  # fmt: skip
+        self.logger = MetricsLogger(par.logs, self.train_iters, log.log_interval, log.metrics_file, log.tensorboard_dir,
+                                    start_iteration=self.state.iteration, wandb=wandb)  # fmt: skip
+        self.saver = Saver(cfg.checkpoint, par.dp_cp_group, self.logger.message)
         self.monitor = None
         if cfg.eval.eval_interval:
             self.monitor = VerbosityMonitor(cfg, self.tokenizer, self.vocab_size, self.model, self.reference.chunks, self.ctx, par,
@@ -113,6 +122,11 @@ class Trainer:
         if LOSSES[cfg.loss.loss_type].reference_free:
             return NoReference(env, source, version)
         if cfg.reference.ref_mode == "cache":
+            env.cache_fingerprint = {**self.feed.cache_fingerprint(), "seq_length": cfg.training.seq_length}
+            # the architecture as saved with checkpoints (a resume adopts it: the same fingerprint)
+            architecture = model_architecture(dataclasses.replace(cfg.model, vocab_size=self.vocab_size))
+            env.model_fingerprint = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode()).hexdigest()[:16]
+            env.run_dir = cfg.checkpoint.save or ""
             directory = cfg.reference.ref_cache_dir or os.path.join(cfg.checkpoint.save, "ref_cache")
             return CachedReference(env, source, ReferenceCache(directory, self.feed.num_pairs, cfg.training.seq_length), version)
         return ReplicaReference(env, source, version)
@@ -203,14 +217,7 @@ class Trainer:
             run_state=self.state.to_dict(),
             reference_chunks=self.reference.saved_chunks,
         )
-        c = self.cfg.checkpoint
-        ckpt = save_checkpoint(c.save, self.state.iteration, self.chunks, contents, self.par.dp_cp_group,
-                               finish=self._write_checkpoint_files)  # fmt: skip
-        self.logger.message(f"saved checkpoint {ckpt}")
-        if c.keep_last and dist.get_rank() == 0:
-            for old in prune_checkpoints(c.save, c.keep_last):
-                self.logger.message(f"deleted checkpoint {old} (--keep-last {c.keep_last})")
-        return ckpt
+        return self.saver.save(self.state.iteration, self.chunks, contents, finish=self._write_checkpoint_files)
 
     def _write_checkpoint_files(self, ckpt: str) -> None:
         """Rank 0, before the manifest and the marker: the tokenizer (so that a moved run directory
@@ -231,6 +238,7 @@ class Trainer:
             f"training {self.train_iters} steps | {self.feed.num_pairs} pairs, {self.feed.steps_per_epoch} steps per epoch | "
             f"TP {cfg.parallel.tensor_model_parallel_size} PP {cfg.parallel.pipeline_model_parallel_size} "
             f"DP {self.par.dp_size} | loss {cfg.loss.loss_type}, length debias {cfg.loss.length_debias}"
+            + (" (no length debiasing: --length-debias sampo for SamPO)" if cfg.loss.length_debias == "none" else "")
         )
         if first >= self.train_iters:
             self.logger.message(f"nothing to do: the checkpoint is at iteration {first} of {self.train_iters} (--train-iters)")
@@ -238,6 +246,7 @@ class Trainer:
             self.logger.log(0, self.monitor.evaluate(0))  # the starting point of the eval curves
         loop_start, exit_reason = time.monotonic(), None
         for step in range(first, self.train_iters):
+            self.saver.poll()  # a background save finishes while training goes on
             metrics = self.train_step(step)
             if self.monitor is not None and self.monitor.due(step + 1):
                 metrics.update(self.monitor.evaluate(step + 1))
@@ -251,9 +260,11 @@ class Trainer:
             if cfg.checkpoint.save and saves:
                 self.save()
             if exit_reason:
+                self.saver.wait()
                 saved = f"saved in {os.path.abspath(cfg.checkpoint.save)}" if cfg.checkpoint.save else "nothing saved (no --save)"
                 self.logger.message(f"exiting after iteration {step + 1} of {self.train_iters}: {exit_reason}; {saved}")
                 break
+        self.saver.wait()
         self.logger.close()
         if cfg.logging.metrics_file:
             self.logger.message(f"metrics (one JSON object per step): {os.path.abspath(cfg.logging.metrics_file)}")
