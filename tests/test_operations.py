@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from sampo_megatron.config import TrainingConfig
 from sampo_megatron.runtime.checkpointing import prune_checkpoints
@@ -179,48 +178,29 @@ def test_ctrl_c_stops_a_two_rank_run_within_seconds(tmp_path, handler):
         assert run.marker() == read_metrics(run.metrics)[-1]["iteration"]
 
 
-def tensor_files(ckpt: Path) -> dict[str, str]:
-    """SHA-256 of each tensor file of a checkpoint (its manifest's entries), without the files that
-    record how the run was launched (run_config.json: the flags, --async-save included), when it was
-    written (torch's .metadata carries a save id) and common.pt (compared by content: a resumed
-    run pickles the same run state in other bytes)."""
+def state_files(ckpt: Path) -> dict[str, str]:
+    """SHA-256 of each file of a checkpoint (its manifest), without the two that record how and when
+    it was written: run_config.json (the flags, --async-save included) and torch's .metadata (a
+    save id)."""
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    return {name: e["sha256"] for name, e in files.items() if name not in ("run_config.json", ".metadata", "common.pt")}
-
-
-def assert_same_content(a, b, where: str) -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            assert_same_content(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_content(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where  # bitwise for floats without NaN
-    else:
-        assert a == b, where
+    return {name: entry["sha256"] for name, entry in files.items() if name not in ("run_config.json", ".metadata")}
 
 
 @pytest.mark.multiprocess
 def test_async_save_writes_the_same_checkpoints_and_resumes_the_same(tmp_path, straight_run):
     straight, straight_ckpt = straight_run
     flags = [*HANDLER, "--async-save"]
-    first, out = train(tmp_path, "run", 2, *flags, "--exit-interval", "5")  # saves 3 (in the background) and 5
-    assert [m["iteration"] for m in first] == [1, 2, 3, 4, 5]
-    assert out.index("exiting after iteration 5") > out.index("saved checkpoint") and "iter_0000005" in out
-    _, out = train(tmp_path, "run", 2, *flags)  # resumes at 5, saves 6 and 8
-    assert "at iteration 5" in out
+    first, out = train(tmp_path, "run", 2, *flags)  # saves 3 and 6 in the background, 8 awaited before exiting
+    assert out.index(f"saved checkpoint {tmp_path / 'run' / 'ckpt' / 'iter_0000008'}") < out.index("checkpoints: ")
     ckpt = tmp_path / "run" / "ckpt"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
     for name in ("iter_0000003", "iter_0000006", "iter_0000008"):
-        assert tensor_files(ckpt / name) == tensor_files(straight_ckpt / name), name
-        common = [torch.load(c / name / "common.pt", weights_only=False) for c in (ckpt, straight_ckpt)]
-        assert_same_content(*common, f"{name}/common.pt")
-    everything = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert_same_steps(everything, straight, rel=1e-6, keys=COMPARED + ("lr",))
+        assert state_files(ckpt / name) == state_files(straight_ckpt / name), name  # bitwise
+    assert_same_steps(first, straight, rel=0, keys=COMPARED + ("lr",))
+    # resume from the checkpoint written in the background at 3, as after a crash at step 4-5
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3\n")
+    _, out = train(tmp_path, "run", 2, *flags)
+    assert "at iteration 3" in out
+    assert_same_steps(read_metrics(tmp_path / "run" / "metrics.jsonl"), straight, rel=1e-6, keys=COMPARED + ("lr",))
 
 
 def test_wandb_without_the_package_says_how_to_install_it(monkeypatch, tmp_path):

@@ -200,7 +200,6 @@ def test_packed_pairs_and_gradients_equal_unpacked(tmp_path, layout):
 @pytest.mark.multiprocess
 def test_packed_run_killed_resumes_exactly(tmp_path):
     flags = ["--tensor-model-parallel-size", "2", "--train-iters", "12", "--save-interval", "2", "--lr", "0.01", "--pack-sequences"]
-    straight, _ = train(tmp_path, "straight", 2, *flags)
     run = BackgroundRun(tmp_path, "killed", 2, *flags)
     try:
         run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists(), timeout=300)
@@ -209,6 +208,9 @@ def test_packed_run_killed_resumes_exactly(tmp_path):
     time.sleep(1)  # the ranks notice their launcher is gone (training/run_lock.py)
     at = run.marker()
     assert 2 <= at < 12
-    resumed, out = train(tmp_path, "killed", 2, *flags)
+    stop = ["--exit-interval", str(at + 2)]  # the resumed and the straight run stop two steps past the checkpoint
+    resumed, out = train(tmp_path, "killed", 2, *flags, *stop)
     assert f"at iteration {at}" in out
-    assert_same_steps(resumed[-(12 - at) :], straight[at:], rel=1e-6, keys=COMPARED + ("lr", "padding_fraction"))
+    straight, _ = train(tmp_path, "straight", 2, *flags, *stop)
+    assert [m["iteration"] for m in straight] == list(range(1, at + 3))
+    assert_same_steps(resumed[-2:], straight[at:], rel=1e-6, keys=COMPARED + ("lr", "padding_fraction"))

@@ -124,10 +124,9 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
 
 
 def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_path):
-    # 40 steps: long enough that the run is still training while a second run tries the directory
+    # 40 steps: long enough that the run is still training while a second run tries the directory.
+    # The runs that check the resume stop early with --exit-interval (it changes nothing else).
     flags = [*TP2, "--train-iters", "40", "--save-interval", "3", "--lr", "0.01"]
-    straight, _ = train(tmp_path, "straight", 2, *flags)
-
     run = BackgroundRun(tmp_path, "killed", 2, *flags)
     try:
         run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists())
@@ -144,9 +143,12 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
     at = run.marker()
     assert 3 <= at < 40
 
-    resumed, out = train(tmp_path, "killed", 2, *flags)
+    stop = ["--exit-interval", str(at + 2)]  # two steps past the checkpoint
+    resumed, out = train(tmp_path, "killed", 2, *flags, *stop)
     assert "took over the lock of a run that is gone" in out and f"at iteration {at}" in out
-    assert_same_steps(resumed[-(40 - at) :], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
+    straight, _ = train(tmp_path, "straight", 2, *flags, *stop)
+    assert [m["iteration"] for m in straight] == list(range(1, at + 3))
+    assert_same_steps(resumed[-2:], straight[at:], rel=1e-6, keys=COMPARED + ("lr",))
 
 
 def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):
