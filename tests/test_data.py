@@ -43,6 +43,19 @@ def _pairs(n: int) -> list[PreferencePair]:
     return [PreferencePair(i, [1, 10 + i], [20 + i, 2], [30 + i, 31, 2]) for i in range(n)]
 
 
+def test_tokenising_a_large_file_shows_progress(hf_tok, tmp_path):
+    from sampo_megatron.data.errors import BadRecordLog
+    from sampo_megatron.data.reading import DataOptions, read_raw_pairs
+
+    path = tmp_path / "big.jsonl"
+    path.write_text(PAIRS_JSONL.read_text() * 9)  # > 2000 records
+    said: list[str] = []
+    pairs, _ = read_raw_pairs(str(path), hf_tok, DataOptions(256), BadRecordLog("error"), said.append, every_s=0)
+    assert len(pairs) > 2000
+    assert [line.split(" records")[0] for line in said] == ["data: 1000", "data: 2000"]
+    assert f"of {path} tokenised in" in said[0]
+
+
 # --- tokenizers ---------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sampo_megatron.config import TrainingConfig
-from sampo_megatron.runtime.checkpointing import prune_checkpoints
+from sampo_megatron.runtime.checkpointing import _older_checkpoints, prune_checkpoints, resolve_checkpoint
 from sampo_megatron.training.exit import ExitConditions
 from sampo_megatron.training.metrics import MetricsLogger, format_duration, prepare_metrics_file
 
@@ -57,7 +57,11 @@ def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
         fake_checkpoint(tmp_path, i)
     in_progress = fake_checkpoint(tmp_path, 5, complete=False)  # a newer save not yet complete
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("4\n")
-    (tmp_path / "iter_0000000.deleting").mkdir()  # left by a run killed while deleting
+    # left by a run SIGKILLed while deleting: renamed, half removed (its metadata.json still there)
+    fake_checkpoint(tmp_path, 0)
+    (tmp_path / "iter_0000000").rename(tmp_path / "iter_0000000.deleting")
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000004")  # the latest loads
+    assert "iter_0000000.deleting" not in str(_older_checkpoints(str(tmp_path), str(tmp_path / "iter_0000004")))
     deleted = prune_checkpoints(str(tmp_path), 2)
     assert [Path(d).name for d in deleted] == ["iter_0000001", "iter_0000002"]  # oldest first
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .encoding import PairEncoder, resolve_layout
 from .errors import BadRecord, BadRecordLog
@@ -31,13 +32,20 @@ class DataOptions:
     """Token ids must be below this; default the tokenizer's vocabulary size."""
 
 
-def read_raw_pairs(path: str, tokenizer: Tokenizer, options: DataOptions, log: BadRecordLog) -> tuple[list[PreferencePair], str]:
-    """Tokenises and checks every record of a raw file; returns the pairs and a one-line description."""
+def read_raw_pairs(path: str, tokenizer: Tokenizer, options: DataOptions, log: BadRecordLog,
+                   progress: Callable[[str], None] | None = None, every_s: float = 30.0) -> tuple[list[PreferencePair], str]:  # fmt: skip
+    """Tokenises and checks every record of a raw file; returns the pairs and a one-line description.
+
+    ``progress`` is told how far it is every ``every_s`` seconds (a large file takes minutes)."""
     layout = resolve_layout(options.data_format, itertools.islice(iter_raw(path, options.data_split), 200), path)
     encoder = PairEncoder(tokenizer, layout, options.prompt_template, options.add_bos)
     vocab = options.model_vocab_size if options.model_vocab_size is not None else tokenizer.vocab_size
     pairs: list[PreferencePair] = []
-    for item in iter_raw(path, options.data_split):
+    begin = last = time.monotonic()
+    for done, item in enumerate(iter_raw(path, options.data_split)):
+        if progress is not None and done and done % 1000 == 0 and time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            progress(f"data: {done} records of {path} tokenised in {last - begin:.0f} s ({done / (last - begin):.0f}/s)")
         try:
             encoded = encoder.encode(item)
             pairs.append(
@@ -48,7 +56,8 @@ def read_raw_pairs(path: str, tokenizer: Tokenizer, options: DataOptions, log: B
     return pairs, f"{path} (layout {layout}, template {encoder.template.name}, tokenised now)"
 
 
-def load_pairs(path: str, tokenizer: Tokenizer, options: DataOptions) -> tuple[Sequence[PreferencePair], BadRecordLog, str]:
+def load_pairs(path: str, tokenizer: Tokenizer, options: DataOptions,
+               progress: Callable[[str], None] | None = None) -> tuple[Sequence[PreferencePair], BadRecordLog, str]:  # fmt: skip
     """The training pairs of ``path``.
 
     Args:
@@ -56,6 +65,7 @@ def load_pairs(path: str, tokenizer: Tokenizer, options: DataOptions) -> tuple[S
             its ``PREFIX.json``).
         tokenizer: The run's tokenizer.
         options: Reading and checking options.
+        progress: Told how far tokenising a raw file is, every 30 s.
 
     Returns:
         ``(pairs, log, description)``: the pairs (a list, or a lazy sequence for indexed data), the
@@ -68,7 +78,7 @@ def load_pairs(path: str, tokenizer: Tokenizer, options: DataOptions) -> tuple[S
     log = BadRecordLog(options.on_bad_record)
     meta = read_metadata(path)
     if meta is None:
-        pairs, description = read_raw_pairs(path, tokenizer, options, log)
+        pairs, description = read_raw_pairs(path, tokenizer, options, log, progress)
         return pairs, log, description
     pairs = IndexedPairs(meta, tokenizer, options.seq_length, log, options.min_response_tokens, options.model_vocab_size)
     description = (

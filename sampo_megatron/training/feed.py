@@ -57,7 +57,8 @@ class StepFeed:
             tr.seq_length, d.data_format, d.prompt_template, d.on_bad_record, d.min_response_tokens, d.data_split,
             model_vocab_size=model_vocab,
         )  # fmt: skip
-        pairs, bad_records, source = load_pairs(d.data_path, tokenizer, options)
+        say = (lambda line: print(line, flush=True)) if dist.get_rank() == 0 else None
+        pairs, bad_records, source = load_pairs(d.data_path, tokenizer, options, progress=say)
         if dist.get_rank() == 0:
             print(f"data: {source}\ndata: {bad_records.summary(len(pairs))}", flush=True)
         self.par = par

@@ -9,7 +9,9 @@ checkpoint's run was computing (training/run_config.py).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..config import RunConfig
 from ..models.weights import initialize_deterministically
@@ -77,14 +79,14 @@ def start(cfg: RunConfig, chunks: list, optimizer, scheduler, reward_mean, *, se
         initialize_deterministically(chunks, seed=cfg.training.seed, vocab_size=vocab_size)
         state.reference_source = {"kind": "init", "seed": cfg.training.seed}
     elif not resuming:
-        load_checkpoint(ckpt, chunks, CheckpointContents(), dp_group)
+        _timed(message, ckpt, "the weights of", lambda: load_checkpoint(ckpt, chunks, CheckpointContents(), dp_group))
         state.reference_source = {"kind": "checkpoint", "path": os.path.abspath(ckpt)}
     else:
         for line in check_resume(read_run_config(ckpt), run_record, ckpt, cfg.checkpoint.override_opt_param_scheduler):
             message(line)
         tr = cfg.training
         check_optimizer_state(ckpt, cfg.parallel.use_distributed_optimizer, tr.bf16 or tr.fp16)
-        common = load_checkpoint(ckpt, chunks, CheckpointContents(optimizer=optimizer), dp_group)
+        common = _timed(message, ckpt, "", lambda: load_checkpoint(ckpt, chunks, CheckpointContents(optimizer=optimizer), dp_group))
         state = RunState(**common["run_state"])
         scheduler.load_state_dict(common["scheduler"])
         if cfg.checkpoint.override_opt_param_scheduler:
@@ -97,6 +99,15 @@ def start(cfg: RunConfig, chunks: list, optimizer, scheduler, reward_mean, *, se
         path = resolve_checkpoint(cfg.reference.ref_load) or cfg.reference.ref_load
         state.reference_source = {"kind": "checkpoint", "path": os.path.abspath(path)}
     return StartingPoint(state, ckpt if resuming else None)
+
+
+def _timed(message: Callable[[str], None], ckpt: str, what: str, load: Callable[[], dict]) -> dict:
+    """Say that ``ckpt`` is being loaded and how long it took (a large model's load takes minutes)."""
+    message(f"loading {what + ' ' if what else ''}{ckpt} ...")
+    begin = time.monotonic()
+    loaded = load()
+    message(f"loaded {ckpt} in {time.monotonic() - begin:.1f} s")
+    return loaded
 
 
 def _apply_optimizer_flags(cfg: RunConfig, optimizer) -> None:
