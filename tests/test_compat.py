@@ -111,3 +111,18 @@ def test_parallel_residual_uses_no_private_method_of_megatron():
     tree = ast.parse(inspect.getsource(parallel_residual))
     private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and re.match(r"_[a-z]", node.attr)}
     assert private == {"_parallel_residual_input"}  # the layer's own attribute, nothing of megatron's
+
+
+def test_expected_notices_are_dropped_and_nothing_else():
+    import logging
+
+    from sampo_megatron.compat.notices import expected_notices, quiet_expected_notices
+
+    quiet_expected_notices()  # checks each message still exists in the installed module
+    quiet_expected_notices()  # idempotent
+    for notice in expected_notices():
+        logger = logging.getLogger(notice.logger)
+        keep = logging.LogRecord(notice.logger, logging.WARNING, __file__, 1, "something else", None, None)
+        drop = logging.LogRecord(notice.logger, logging.WARNING, __file__, 1, notice.message + " and more", None, None)
+        assert logger.filter(keep) and not logger.filter(drop), notice
+        assert len(logger.filters) == 1

@@ -19,6 +19,7 @@ for _message in (
     "Apex is not installed",
     "full scope is deprecated",
     "When using async grad allreduce",
+    "MimoModelConfig is experimental",  # megatron-core 0.19 warns when the package is imported
 ):
     warnings.filterwarnings("ignore", message=_message)
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
 
             print(dry_run_report(cfg), flush=True)
             return
+        from ..compat.notices import quiet_expected_notices
+
+        quiet_expected_notices()  # before anything imports megatron-core (compat/notices.py)
         from ..runtime.builders import resolve_architecture
         from ..validation import validate_or_raise
 

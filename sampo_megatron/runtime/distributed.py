@@ -63,7 +63,9 @@ def init_model_parallel(parallel: ParallelConfig, seed: int, virtual_pipeline_si
         virtual_pipeline_size: virtual stages per pipeline rank (interleaving), or None.
     """
     from ..compat import apply_cpu_compat
+    from ..compat.notices import quiet_expected_notices
 
+    quiet_expected_notices()  # log notices nobody can act on (compat/notices.py)
     apply_cpu_compat()  # the megatron-core version check, and the CPU layer where there is no GPU
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
