@@ -15,7 +15,7 @@ import pytest
 from sampo_megatron.config import TrainingConfig
 from sampo_megatron.runtime.checkpointing import _older_checkpoints, prune_checkpoints, resolve_checkpoint
 from sampo_megatron.training.exit import ExitConditions
-from sampo_megatron.training.metrics import MetricsLogger, format_duration, prepare_metrics_file
+from sampo_megatron.training.metrics import MetricsLogger, MissingPackageError, format_duration, prepare_metrics_file
 
 from helpers import COMPARED, BackgroundRun, assert_same_steps, read_metrics, torchrun_env, train, trainer_pids
 from wandb_history import read_history
@@ -211,7 +211,7 @@ def test_wandb_without_the_package_says_how_to_install_it(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     from sampo_megatron.training.wandb_writer import WandbWriter
 
-    with pytest.raises(RuntimeError, match=r"pip install 'sampo-megatron\[wandb\]'"):
+    with pytest.raises(MissingPackageError, match=r"pip install 'sampo-megatron\[wandb\]'"):
         MetricsLogger(True, 3, wandb=lambda: WandbWriter("p", None, str(tmp_path), {}))
 
 

@@ -30,6 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..compat import CompatError, UnsupportedMegatronError
     from ..config import ConfigFileError
     from ..runtime.checkpointing import CheckpointLoadError
+    from ..training.metrics import MissingPackageError
     from ..training.nonfinite import NonFiniteError
     from ..training.reference_cache import CacheMismatchError
     from ..training.run_config import ConfigChangeError
@@ -37,7 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..validation import ConfigError
 
     return (CompatError, UnsupportedMegatronError, CheckpointLoadError, NonFiniteError, ConfigChangeError, RunLockError,
-            ConfigError, ConfigFileError, CacheMismatchError)  # fmt: skip
+            ConfigError, ConfigFileError, CacheMismatchError, MissingPackageError)  # fmt: skip
 
 
 def exit_with(err: BaseException, status: int = 1) -> None:

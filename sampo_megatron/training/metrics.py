@@ -40,6 +40,10 @@ _CONSOLE = (
 )
 
 
+class MissingPackageError(RuntimeError):
+    """A flag needs an optional package that is not installed (the message says how to install it)."""
+
+
 def format_duration(seconds: float) -> str:
     """``H:MM:SS`` (hours unbounded)."""
     seconds = max(0, int(round(seconds)))
@@ -149,7 +153,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
+                raise MissingPackageError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
         if wandb is not None:
             self._wandb = wandb()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from .metrics import MissingPackageError
+
 
 class WandbWriter:
     """One W&B run.
@@ -27,7 +29,7 @@ class WandbWriter:
         try:
             import wandb
         except ImportError as err:
-            raise RuntimeError(
+            raise MissingPackageError(
                 "--wandb-project needs the wandb package: pip install 'sampo-megatron[wandb]' (or pip install wandb)"
             ) from err
         os.makedirs(save_dir, exist_ok=True)
