@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 from .version import release_line
@@ -60,6 +61,16 @@ def expected_notices() -> tuple[Notice, ...]:
     return _ON_EVERY_LINE + _BY_LINE[release_line().name]
 
 
+def _module_file(name: str) -> str:
+    """The source file of module ``name``, found without importing it or its packages (a bad flag
+    must answer before megatron-core or torch is imported)."""
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)  # a top-level name: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{top} is not installed (needed for {name})")
+    return os.path.join(spec.submodule_search_locations[0], *rest) + ".py"
+
+
 def quiet_expected_notices() -> None:
     """Install the filters (idempotent).
 
@@ -71,8 +82,7 @@ def quiet_expected_notices() -> None:
     for notice in expected_notices():
         if (notice.logger, notice.message) in _INSTALLED:
             continue
-        spec = importlib.util.find_spec(notice.logger)
-        with open(spec.origin, encoding="utf-8") as f:
+        with open(_module_file(notice.logger), encoding="utf-8") as f:
             if notice.message not in f.read():
                 raise CompatError(f"{notice.logger} no longer logs {notice.message!r}; re-survey sampo_megatron/compat/notices.py")
         logging.getLogger(notice.logger).addFilter(_DropNotice(notice.message))
