@@ -289,6 +289,10 @@ class EvalConfig:
     """Eval prompts decoded together."""
     eval_output: str | None = None
     """Append every eval generation (iteration, prompt, response, num_tokens) to this JSONL file."""
+    eval_rewards_output: str | None = None
+    """Append every held-out pair's implicit rewards at each evaluation to this JSONL file
+    (iteration, index, the pair's response lengths, chosen / rejected / margin debiased and whole):
+    the data behind eval/*/margin_length_corr, for a binned margin-vs-length plot."""
 
 
 @dataclass

@@ -158,6 +158,8 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
                 p.append("--eval-interval needs --eval-prompts (lengths) and/or --eval-data-path (held-out rewards)")
             if par.context_parallel_size > 1:
                 p.append("the verbosity monitor (--eval-interval) does not support --context-parallel-size > 1")
+        if ev.eval_rewards_output and not (ev.eval_interval and ev.eval_data_path):
+            p.append("--eval-rewards-output needs --eval-interval and --eval-data-path (the held-out pairs it writes)")
         for path, flag in ((d.data_path, "--data-path"), (d.tokenizer_model, "--tokenizer-model"), (ev.eval_prompts, "--eval-prompts"),
                            (ev.eval_data_path, "--eval-data-path")):  # fmt: skip
             if path and not os.path.exists(path) and not os.path.exists(path + ".json"):  # an indexed prefix has PREFIX.json

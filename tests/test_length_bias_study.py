@@ -13,9 +13,20 @@ from plot_metrics import plot_runs, read_metrics, series
 
 
 def test_quality_checker():
-    assert task.is_correct("what is 3 plus 4 ?", "the answer is 7 . i hope this helps .")
-    assert not task.is_correct("what is 3 plus 4 ?", "the answer is 8 . 7 is close .")
-    assert not task.is_correct("what is 9 plus 9 ?", "i hope this helps .")
+    assert task.is_correct("sort 3 1 4 1 .", "the answer is 1 1 3 4 . i hope this helps .")
+    assert not task.is_correct("sort 3 1 4 1 .", "the answer is 1 3 4 . 1 1 3 4 is close .")  # a digit lost
+    assert not task.is_correct("sort 3 1 4 1 .", "the answer is 1 1 4 3 .")
+    assert not task.is_correct("sort 9 9 9 .", "i hope this helps .")
+
+
+def test_a_wrong_answer_is_as_long_as_the_right_one():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        right = sorted(task.random_list(rng))
+        wrong = task.corrupt(right, rng)
+        assert len(wrong) == len(right) and 1 <= sum(a != b for a, b in zip(wrong, right)) <= 2
 
 
 @pytest.mark.parametrize("share", [0.0, 0.3, 0.7, 1.0])

@@ -30,7 +30,8 @@ def test_monitor_logs_lengths_and_rewards_at_the_interval(tmp_path):
     run_torchrun(REPO_ROOT / "launch" / "pretrain_sampo.py", 2, "--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"),
                  "--train-iters", "4", "--save", str(save), "--save-interval", "100", "--metrics-file", str(metrics),
                  "--eval-interval", "2", "--eval-prompts", str(prompts), "--eval-data-path", str(held_out),
-                 "--eval-output", str(generations), "--eval-max-new-tokens", "6", "--lr", "0.01")  # fmt: skip
+                 "--eval-output", str(generations), "--eval-rewards-output", str(tmp_path / "rewards.jsonl"),
+                 "--eval-max-new-tokens", "6", "--lr", "0.01")  # fmt: skip
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = {r["iteration"]: r for r in records if "eval/length_mean" in r}
     assert sorted(evals) == [0, 2, 4]
@@ -47,6 +48,15 @@ def test_monitor_logs_lengths_and_rewards_at_the_interval(tmp_path):
     # Policy == reference before the first step: every implicit reward is exactly zero.
     assert all(evals[0][f"eval/{p}/{side}"] == 0.0 for p in ("rewards", "rewards_full") for side in ("chosen", "rejected"))
     assert evals[4]["eval/rewards_full/chosen"] != 0.0 and evals[4]["eval/rewards_full/rejected"] != 0.0
+    # --eval-rewards-output: every held-out pair at every evaluation; its means are the logged metrics
+    pair_rewards = [json.loads(line) for line in (tmp_path / "rewards.jsonl").read_text().splitlines()]
+    for iteration, record in evals.items():
+        rows = [r for r in pair_rewards if r["iteration"] == iteration]
+        assert [r["index"] for r in rows] == list(range(len(lines[-8:])))
+        for name in ("rewards/margins", "rewards_full/chosen", "rewards_full/rejected", "rewards_full/margins"):
+            assert statistics.fmean(r[name] for r in rows) == pytest.approx(record[f"eval/{name}"], rel=1e-9, abs=1e-12)
+        assert all(r["rewards_full/margins"] == pytest.approx(r["rewards_full/chosen"] - r["rewards_full/rejected"], abs=1e-6)
+                   for r in rows)  # fmt: skip
     # the long/short view (its values against float64: tests/test_evaluation.py)
     held_out_pairs = [json.loads(line) for line in lines[-8:]]
     assert evals[0]["eval/pairs_chosen_longer"] + evals[0]["eval/pairs_chosen_shorter"] <= len(held_out_pairs)

@@ -34,6 +34,7 @@ LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
         (["--tensor-model-parallel-size", "3"], "attention heads (4) not divisible by --tensor-model-parallel-size 3"),
         (["--context-parallel-size", "2"], "--context-parallel-size > 1 needs --transformer-impl transformer_engine"),
         (["--eval-interval", "5"], "--eval-interval needs --eval-prompts (lengths) and/or --eval-data-path"),
+        (["--eval-rewards-output", "r.jsonl"], "--eval-rewards-output needs --eval-interval and --eval-data-path"),
     ],
 )
 def test_each_bad_flag_is_one_line_naming_it(flags, line):

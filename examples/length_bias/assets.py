@@ -27,7 +27,8 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def write_assets(out_dir: str, seed: int = 0, long_chosen_share: float = 0.7, num_pairs: int = 1024,
-                 num_sft: int = 2048, num_heldout: int = 128, samples_per_prompt: int = 2) -> dict[str, str]:
+                 num_sft: int = 4096, num_heldout: int = 256, num_eval_prompts: int = 100,
+                 samples_per_prompt: int = 2) -> dict[str, str]:
     """Write every file of the study into ``out_dir``; returns name -> path."""
     if not 0.0 <= long_chosen_share <= 1.0:
         raise ValueError(f"--long-chosen-share must be in [0, 1], got {long_chosen_share}")
@@ -40,7 +41,7 @@ def write_assets(out_dir: str, seed: int = 0, long_chosen_share: float = 0.7, nu
         "pairs_long": task.preference_records(seed + 2, num_pairs, 1.0),
         "pairs_short": task.preference_records(seed + 3, num_pairs, 0.0),
         "heldout": task.preference_records(seed + 4, num_heldout, long_chosen_share),
-        "eval_prompts": [{"prompt": task.prompt_text(a, b)} for a, b in task.all_prompts() for _ in range(samples_per_prompt)],
+        "eval_prompts": [{"prompt": p} for p in task.eval_prompts(seed + 5, num_eval_prompts) for _ in range(samples_per_prompt)],
     }
     tokenizer = train_tokenizer(task.vocabulary_lines())
     unk = tokenizer.token_to_id("<unk>")

@@ -1,19 +1,53 @@
-"""The study's markdown report: figures (tools/plot_metrics.py) and a table of what each run ended with."""
+"""The study's markdown report: tables with a 95% interval over seeds, curves with bands, and the
+held-out reward margin against the length difference (examples/length_bias/run.py writes the runs).
+
+Every number of a method x data set is the mean over its seeds with a 95% Student-t interval
+``mean +- t(0.975, n-1) * sd / sqrt(n)``; a change ("from SFT") is computed per seed against that
+run's own evaluation at step 0 (the SFT model, sampled with the run's seed) before averaging.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 from collections import defaultdict
 
 import task
-from plot_metrics import plot_runs, read_metrics, series
+from plot_metrics import read_metrics
+
+# t(0.975, df) for df = 1..30; beyond, the normal quantile (within 4%).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+BINS = ((-99, -15), (-15, -8), (-8, -1), (1, 8), (8, 15), (15, 99))
+"""Length-difference bins ``T_w - T_l`` (tokens, [lo, hi)) of the binned margin plot (never 0: the
+task's pairs always differ in length)."""
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """``(mean, half-width)`` of the 95% t-interval over ``values`` (half-width NaN for one value)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    df = len(values) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt(values: list[float], scale: float = 1.0, digits: int = 1, sign: bool = False) -> str:
+    mean, half = interval(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean * scale:{'+' if sign else ''}.{digits}f} ± {half * scale:.{digits}f}"
 
 
 def generation_quality(path: str) -> dict[int, dict[str, float]]:
-    """Per eval iteration: accuracy (first number = the right sum), mean / median length, EOS share."""
+    """Per eval iteration: accuracy (the sorted list before the first '.'), mean length, EOS share."""
     by_iter: dict[int, list[dict]] = defaultdict(list)
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -23,159 +57,277 @@ def generation_quality(path: str) -> dict[int, dict[str, float]]:
         it: {
             "accuracy": statistics.fmean(task.is_correct(r["prompt"], r["response"]) for r in recs),
             "length": statistics.fmean(r["num_tokens"] for r in recs),
-            "median": statistics.median(r["num_tokens"] for r in recs),
             "eos": statistics.fmean(r["stopped_at_eos"] for r in recs),
         }
         for it, recs in sorted(by_iter.items())
     }
 
 
-def _final(records: list[dict], key: str) -> float:
-    _, values = series(records, key)
-    return values[-1] if values else float("nan")
+def read_pair_rewards(path: str) -> dict[int, list[dict]]:
+    by_iter: dict[int, list[dict]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            by_iter[record["iteration"]].append(record)
+    return by_iter
 
 
-def _row(name: str, dataset: str, run_dir: str, seconds: float) -> tuple[str, dict]:
-    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    quality = generation_quality(os.path.join(run_dir, "generations.jsonl"))
-    first, last = quality[min(quality)], quality[max(quality)]
-    values = {
-        "accuracy0": first["accuracy"], "accuracy": last["accuracy"], "length0": first["length"], "length": last["length"],
-        "eos": last["eos"], "chosen": _final(records, "eval/rewards_full/chosen"),
-        "rejected": _final(records, "eval/rewards_full/rejected"), "margin": _final(records, "eval/rewards_full/margins"),
-        "margin_debiased": _final(records, "eval/rewards/margins"), "acc_pairs": _final(records, "eval/rewards_full/accuracies"),
-    }  # fmt: skip
-    row = (f"| {name} | {dataset} | {values['accuracy']:.1%} ({values['accuracy'] - values['accuracy0']:+.1%}) | "
-           f"{values['length']:.1f} ({values['length'] - values['length0']:+.1f}) | {values['eos']:.0%} | "
-           f"{values['chosen']:+.2f} | {values['rejected']:+.2f} | {values['margin']:+.2f} | {values['margin_debiased']:+.2f} | "
-           f"{values['acc_pairs']:.0%} | {seconds:.0f} |")  # fmt: skip
-    return row, values
+class Run:
+    """What one run ended with (and started from), read from its directory."""
+
+    def __init__(self, method: str, subset: str, seed: int, run_dir: str) -> None:
+        self.method, self.subset, self.seed = method, subset, seed
+        self.quality = generation_quality(os.path.join(run_dir, "generations.jsonl"))
+        records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        self.evals = {r["iteration"]: r for r in records if "eval/rewards_full/margins" in r}
+        self.pairs = read_pair_rewards(os.path.join(run_dir, "pair_rewards.jsonl"))
+        self.last = max(self.quality)
+        self.wall_s = float(open(os.path.join(run_dir, "wall_s.txt")).read())
+
+    def final(self, key: str) -> float:
+        return self.quality[self.last][key]
+
+    def change(self, key: str) -> float:
+        return self.quality[self.last][key] - self.quality[0][key]
+
+    def eval_metric(self, key: str) -> float:
+        return float(self.evals[self.last].get(key, math.nan))
 
 
-def _observations(values: dict[str, dict]) -> list[str]:
+def _group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.subset)].append(run)
+    return groups
+
+
+def _plot_curves(groups, methods, subsets, out_dir: str) -> list[str]:
+    """Accuracy and mean generated length against steps, one figure per data set (Figs. 3-4 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab20").colors
+    written = []
+    for subset in subsets:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        for i, method in enumerate(methods):
+            runs = groups[(method, subset)]
+            steps = sorted(runs[0].quality)
+            for ax, key, scale in ((axes[0], "accuracy", 100.0), (axes[1], "length", 1.0)):
+                stats = [interval([r.quality[s][key] * scale for r in runs if s in r.quality]) for s in steps]
+                mean = [m for m, _ in stats]
+                half = [0.0 if math.isnan(h) else h for _, h in stats]
+                ax.plot(steps, mean, color=colors[i % len(colors)], label=method, lw=1.5)
+                ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                                color=colors[i % len(colors)], alpha=0.12)  # fmt: skip
+        axes[0].set(xlabel="step", ylabel="accuracy of sampled answers (%)", title=f"{subset} set: accuracy")
+        axes[1].set(xlabel="step", ylabel="mean generated length (tokens)", title=f"{subset} set: length")
+        axes[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"length_bias_curves_{subset}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def binned_margins(runs: list[Run], key: str) -> list[tuple[float, float]]:
+    """Per length-difference bin: the mean held-out margin ``key`` at the last step, as an interval
+    over seeds of each seed's bin mean."""
+    out = []
+    for lo, hi in BINS:
+        per_seed = []
+        for run in runs:
+            values = [p[key] for p in run.pairs[run.last] if lo <= p["lengths/chosen"] - p["lengths/rejected"] < hi]
+            if values:
+                per_seed.append(statistics.fmean(values))
+        out.append(interval(per_seed))
+    return out
+
+
+def _plot_margins(groups, methods, subset: str, out_dir: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    centers = [(max(lo, -20) + min(hi, 20)) / 2 for lo, hi in BINS]
+    for ax, key, title in ((axes[0], "rewards_full/margins", "whole responses: beta * sum log(pi/pi_ref)"),
+                           (axes[1], "rewards/margins", "the method's own (debiased) reward")):  # fmt: skip
+        for i, method in enumerate(methods):
+            stats = binned_margins(groups[(method, subset)], key)
+            ax.errorbar([c + 0.15 * (i - len(methods) / 2) for c in centers], [m for m, _ in stats],
+                        yerr=[0.0 if math.isnan(h) else h for _, h in stats], color=colors[i % len(colors)],
+                        label=method, marker="o", ms=3, lw=1, capsize=2)  # fmt: skip
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set(xlabel="length difference T_w - T_l (tokens, binned)", ylabel="held-out reward margin", title=title)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"length_bias_margin_vs_length_{subset}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _generation_rows(groups, methods, subsets) -> list[str]:
+    rows = []
+    for subset in subsets:
+        for method in methods:
+            runs = groups[(method, subset)]
+            rows.append(
+                f"| {method} | {subset} | {len(runs)} | {fmt([r.final('accuracy') for r in runs], 100)} | "
+                f"{fmt([r.change('accuracy') for r in runs], 100, sign=True)} | {fmt([r.final('length') for r in runs])} | "
+                f"{fmt([r.change('length') for r in runs], sign=True)} | {fmt([r.final('eos') for r in runs], 100, 0)} |"
+            )
+    return rows
+
+
+def _held_out_rows(groups, methods, subsets) -> list[str]:
+    rows = []
+    for subset in subsets:
+        for method in methods:
+            runs = groups[(method, subset)]
+
+            def col(key: str, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
+                return fmt([r.eval_metric(key) for r in runs], scale, digits, sign)
+
+            rows.append(
+                f"| {method} | {subset} | {col('eval/rewards/accuracies_chosen_longer', 100, 0)} | "
+                f"{col('eval/rewards/accuracies_chosen_shorter', 100, 0)} | {col('eval/rewards/margin_length_corr', sign=True)} | "
+                f"{col('eval/rewards_full/margin_length_corr', sign=True)} | {col('eval/rewards_full/margins', sign=True)} |"
+            )
+    return rows
+
+
+def comparisons(groups, methods, subsets) -> list[str]:
+    """Each method against DPO on the same data and seeds: the per-seed difference of the final
+    accuracy and length, with its interval; listed where the interval excludes 0."""
     lines = []
-    for name, v in values.items():
-        change = v["length"] - v["length0"]
-        lines.append(f"- **{name}**: mean response length {v['length0']:.1f} -> {v['length']:.1f} tokens "
-                     f"({change / v['length0']:+.0%}), accuracy {v['accuracy0']:.0%} -> {v['accuracy']:.0%}.")
-    for subset in ("long", "short"):
-        d, s = values.get(f"DPO {subset}"), values.get(f"SamPO {subset}")
-        if d and s:
-            lines.append(f"- On the **{subset}** subset DPO moved the length by {d['length'] - d['length0']:+.1f} tokens, "
-                         f"SamPO by {s['length'] - s['length0']:+.1f}.")
+    for subset in subsets:
+        base = {r.seed: r for r in groups.get(("DPO", subset), [])}
+        for method in methods:
+            if method == "DPO" or not base:
+                continue
+            runs = [r for r in groups[(method, subset)] if r.seed in base]
+            for key, scale, unit in (("accuracy", 100.0, " points"), ("length", 1.0, " tokens")):
+                diffs = [(r.final(key) - base[r.seed].final(key)) * scale for r in runs]
+                mean, half = interval(diffs)
+                if not math.isnan(half) and abs(mean) > half:
+                    lines.append(f"- {subset} set: {method}'s final {key} is {mean:+.1f} ± {half:.1f}{unit} from DPO's.")
+    return lines or ["- No method's final accuracy or length differs from DPO's by more than the interval."]
+
+
+def significant_changes(groups, methods, subsets) -> list[str]:
+    """Method x data set whose accuracy change from SFT has an interval that excludes 0."""
+    lines = []
+    for subset in subsets:
+        for method in methods:
+            mean, half = interval([r.change("accuracy") * 100 for r in groups[(method, subset)]])
+            if not math.isnan(half) and abs(mean) > half:
+                lines.append(f"{method} on {subset} ({mean:+.1f} ± {half:.1f} points)")
     return lines
 
 
-# Written by hand after looking at the committed run (the numbers above it are generated).
-DISCUSSION = """\
-## Discussion
-
-**What matched the paper.** The *short* subset (chosen always the shorter response) is where the
-paper sees DPO collapse, and so did this run: DPO first shortened the answers, then the policy fell
-into repetitive text that never reaches EOS (mean length at the 40-token cap, EOS in almost no
-generation; see the subsets figure), and both held-out rewards went strongly negative. SamPO on the
-same data settled at short, well-formed answers that end with EOS, with accuracy no worse than SFT.
-With DPO's summed log-ratios, the shorter chosen response is outweighed by the many tokens of the
-longer rejected one: pushing the rejected response's probability down token by token is the easy
-way to widen the margin, and it drags every sequence, the chosen ones included, down with it.
-SamPO compares equal token counts, so the rejected side has no such extra leverage.
-
-**What did not.** On the mixed set (chosen longer in 70% of the pairs) and on the *long* subset,
-SamPO's responses grew about as much as DPO's, and SimPO's and R-DPO's as well. In this toy task
-length is the easiest preference signal there is: the right and wrong answers differ in one token,
-which the tiny model barely learns to tell apart (accuracy did not improve for any method), while
-whether the rejected response stops early is visible in every pair. Down-sampling removes the
-*sum-over-more-tokens* advantage of the longer response, but not this token-level correlation: the
-shorter response is always kept whole, EOS included, so "stop here" is still the token that
-separates chosen from rejected in most pairs, and every method learns to avoid it. The paper's
-setting differs: real preference data where length is a weaker, noisier cue than content, and a
-policy that can learn the content. A toy task in which quality is as easy to learn as length
-(or where the shorter response's EOS is not such a clean signal) would be needed to see SamPO's
-advantage on the long/mixed data; this one shows it only where DPO's length bias becomes
-destructive (the short subset).
-
-**Quality.** No method raised accuracy above the SFT model's, and SamPO lost more of it than DPO on
-the mixed and long data (see the table; on the long subset its whole-response margin stayed near
-zero while the down-sampled one grew). Our reading: the only token that carries quality here is
-the answer, one token of the response. When the chosen response is the longer one, SamPO keeps
-only `T_m` of its tokens, so in many pairs the answer token is not in the sum and the update is
-driven by filler and EOS alone; DPO always sees it. With real responses, where quality is spread
-over many tokens, dropping a random subset loses far less.
-
-**Learning rate.** A first run of this study at lr 1e-3 wrecked every policy within 10 steps
-(repetitive text, accuracy near 0 for several methods, all lengths near the cap), so it compared
-nothing; the default is 1e-4. Sampled generations (temperature 1) of a tiny model are noisy:
-differences of a point or two in accuracy or length are within run-to-run noise.
-"""
-
-
-def write_report(path: str, sft_dir: str, runs: dict[str, str], data: dict, settings: dict, times: dict, total_s: float) -> str:
-    from run import METHODS
-
+def write_report(path: str, sft_dir: str, run_specs: list[tuple], data: dict, settings: dict, total_s: float) -> str:
     out_dir = os.path.dirname(os.path.abspath(path))
-    main = {name: read_metrics(os.path.join(d, "metrics.jsonl")) for name, d in runs.items() if METHODS[name][0] == "pairs_all"}
-    subsets = {name: read_metrics(os.path.join(d, "metrics.jsonl")) for name, d in runs.items() if METHODS[name][0] != "pairs_all"}
-    figures = plot_runs(main, out_dir, "length_bias_", "mixed set:") + plot_runs(subsets, out_dir, "length_bias_subsets_", "long/short subsets:")
+    os.makedirs(out_dir, exist_ok=True)
+    runs = [Run(*spec) for spec in run_specs]
+    groups = _group(runs)
+    methods = list(dict.fromkeys(r.method for r in runs))
+    subsets = list(dict.fromkeys(r.subset for r in runs))
+    figures = _plot_curves(groups, methods, subsets, out_dir)
+    figures += [_plot_margins(groups, methods, subset, out_dir) for subset in subsets]
+
     sft_quality = generation_quality(os.path.join(sft_dir, "generations.jsonl"))
     sft_end = sft_quality[max(sft_quality)]
-
-    pref_times = [times.get(name, 0.0) for name in runs]
-    rows, values = [], {}
-    for name, run_dir in runs.items():
-        row, values[name] = _row(name, METHODS[name][0], run_dir, times.get(name, 0.0))
-        rows.append(row)
+    step0 = {r.seed: r.quality[0] for r in runs}  # the SFT model sampled with each seed
+    sft_acc = fmt([q["accuracy"] for q in step0.values()], 100)
+    sft_len = fmt([q["length"] for q in step0.values()])
+    changed = significant_changes(groups, methods, subsets)
+    seeds = sorted({r.seed for r in runs})
+    pref = settings["pref_s"]
+    n_heldout = len(open(data["heldout"]).readlines())
+    n_prompts = len(open(data["eval_prompts"]).readlines())
+    vocab = len(json.load(open(os.path.join(data["tokenizer"], "tokenizer.json")))["model"]["vocab"])
+    flags = "\n".join(f"| {m} | `{' '.join(settings['methods'][m])}` |" for m in methods)
     lines = [
-        "# Length bias: DPO vs SamPO (and SimPO, R-DPO) on a toy task",
+        "# Length bias: DPO, SamPO and the other length fixes on a learnable toy task",
         "",
-        "Generated by `python examples/length_bias/run.py` (the numbers below are that run's; rerunning it",
-        "rewrites this page and its figures). Task, data and model: `examples/length_bias/`.",
+        "Generated by `python examples/length_bias/run.py` (`make length-bias`); the numbers and figures are that",
+        "run's, and rerunning it rewrites this page. Task, data and model: `examples/length_bias/`.",
         "",
         "## Set-up",
         "",
-        "- **Task** (`task.py`): prompts `what is A plus B ?` (A, B in 0-9); a response is",
-        "  `the answer is N .` plus 0-4 filler sentences (`i hope this helps .`, ...). **Quality** = the",
-        "  first number in the response is A + B; **length** = response tokens (EOS excluded). The two are",
-        "  independent by construction.",
-        f"- **SFT warm-up** from scratch on {len(open(data['sft']).readlines())} examples, right answer in "
+        "- **Task** (`task.py`): prompts `sort 3 1 4 1 .` (3-5 digits); a response is `the answer is 1 1 3 4 .`",
+        f"  plus 0-{task.MAX_FILLER} filler sentences (`i hope this helps .`, ...). **Quality** = the digits before the first",
+        "  `.` are the prompt's list sorted; a wrong answer has one or two digits changed, so it is exactly as long.",
+        "  **Length** = response tokens (EOS excluded), set by the filler. The two are independent by construction.",
+        f"- **SFT warm-up** from scratch on {len(open(data['sft']).readlines())} examples, the right answer in "
         f"{task.SFT_CORRECT_SHARE:.0%} of them, filler count uniform: {settings['sft_iters']} steps, lr {settings['sft_lr']}.",
-        "- **Preference pairs**: chosen = right answer, rejected = wrong answer (off by 1-3), each with its own",
-        f"  filler count. Mixed set: chosen longer in {settings['long_chosen_share']:.0%} of the pairs; the *long* /",
-        "  *short* subsets: chosen always longer / always shorter (the paper's UltraFeedback long/short split).",
-        f"- **Runs** from the same SFT checkpoint (policy and reference): {settings['pref_iters']} steps of 32 pairs,",
-        f"  lr {settings['pref_lr']} (cosine), beta 0.1 (SimPO beta 2, gamma 1; R-DPO alpha 0.02).",
-        f"- **Monitor** every {settings['eval_interval']} steps: {len(open(data['eval_prompts']).readlines())} sampled generations "
-        "(temperature 1, seeded, at most 40 new tokens) over all 100 prompts; implicit rewards on "
-        f"{len(open(data['heldout']).readlines())} held-out pairs (`eval/rewards_full/*`: whole responses, "
-        "`eval/rewards/*`: the run's own length debiasing).",
-        "- Model: Llama-style, 2 layers, hidden 64, vocabulary "
-        f"{json.load(open(os.path.join(data['tokenizer'], 'tokenizer.json')))['model']['vocab'].__len__()} words, sequences of 48 tokens.",
-        f"- Machine: {os.cpu_count()} CPU cores, Python {platform.python_version()}; whole study {total_s / 60:.1f} min wall time "
-        f"(SFT {times.get('SFT', 0.0):.0f} s, preference runs {min(pref_times):.0f}-{max(pref_times):.0f} s each"
-        f"{'; the slow ones shared the CPU with other jobs' if max(pref_times) > 2 * min(pref_times) else ''}).",
+        "- **Preference pairs**: chosen = right answer, rejected = a wrong one, each with its own filler count.",
+        f"  *mixed*: chosen longer in {settings['long_chosen_share']:.0%} of the pairs; *long* / *short*: chosen always",
+        "  longer / always shorter (the paper's UltraFeedback long/short split). 1024 pairs each.",
+        f"- **Runs**: every method below x every data set x {len(seeds)} seeds (seeds {', '.join(map(str, seeds))}: data order,",
+        f"  SamPO's draws, the monitor's sampling), each from the same SFT checkpoint (policy and reference): "
+        f"{settings['pref_iters']} steps of 32 pairs, lr {settings['pref_lr']} (cosine to a tenth).",
+        f"- **Monitor** every {settings['eval_interval']} steps and at step 0: {n_prompts} sampled generations (temperature 1,",
+        f"  at most 48 new tokens) on {n_prompts // 2} held-out prompts, each twice; implicit rewards of {n_heldout} held-out pairs",
+        "  (chosen longer in the mixed share), per pair (`--eval-rewards-output`).",
+        f"- Model: Llama-style, 2 layers, hidden 64, vocabulary {vocab} words, sequences of 64 tokens.",
+        f"- Machine: {os.cpu_count()} CPU cores, Python {platform.python_version()}, {settings['jobs']} runs side by side "
+        f"(one thread each). Whole study **{total_s / 60:.1f} min** wall time (SFT {settings['sft_s']:.0f} s; "
+        f"{len(pref)} preference runs of {min(pref):.0f}-{max(pref):.0f} s).",
         "",
-        f"SFT model at the end of warm-up: accuracy {sft_end['accuracy']:.1%}, mean length {sft_end['length']:.1f} tokens, "
-        f"EOS reached in {sft_end['eos']:.0%} of the generations.",
+        "| method | flags |",
+        "|---|---|",
+        flags,
         "",
-        "## Results (end of training; in brackets: change from the SFT starting point)",
+        "**Intervals.** Every `a ± b` is the mean over seeds and the half-width of its 95% t-interval "
+        f"(t(0.975, {len(seeds) - 1}) = {_T975[len(seeds) - 2]:.2f} for {len(seeds)} seeds). A change is computed per seed "
+        "against the run's own step-0 evaluation (the SFT model, sampled with that seed).",
         "",
-        "| method | data | accuracy | mean length | ended by EOS | reward chosen | reward rejected | margin | margin (debiased) | pair acc. | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        f"**SFT model** (step-0 evaluations over seeds): accuracy {sft_acc} %, mean length {sft_len} tokens; at the end of its",
+        f"own warm-up run: accuracy {sft_end['accuracy']:.1%}, EOS in {sft_end['eos']:.0%} of the generations.",
         "",
-        "Rewards: held-out implicit rewards `beta * log(pi/pi_ref)` summed over whole responses (SimPO: its own",
-        "`beta * mean log pi`); *margin (debiased)* uses the run's length debiasing (SamPO: down-sampled).",
-        "*Pair acc.*: share of held-out pairs whose chosen reward is above the rejected one.",
+        "## Generations (end of training)",
+        "",
+        "| method | data | seeds | accuracy % | change % points | mean length | change (tokens) | ended by EOS % |",
+        "|---|---|---|---|---|---|---|---|",
+        *_generation_rows(groups, methods, subsets),
+        "",
+        "Accuracy changes whose interval excludes 0: " + ("; ".join(changed) if changed else "none") + ".",
+        "",
+        "## Held-out pairs (end of training): accuracy by length, and the reward-length relation",
+        "",
+        "| method | data | pair acc., chosen longer % | pair acc., chosen shorter % | corr(margin, T_w - T_l), own reward | "
+        "corr, whole-response reward | mean whole-response margin |",
+        "|---|---|---|---|---|---|---|",
+        *_held_out_rows(groups, methods, subsets),
+        "",
+        "*Own reward*: the margin the method optimises (SamPO: the down-sampled sums; SimPO, LN-DPO, SANorm: their",
+        "normalised rewards; TDPO: DPO's `beta R`, as the monitor reports it). *Whole-response*: `beta * sum log(pi/pi_ref)`",
+        "over every token (SimPO and ORPO have no reference: their rewards are their own policy-only ones, not comparable).",
+        "*Corr*: Pearson's correlation over the held-out pairs of the margin and the length difference `T_w - T_l`.",
+        "",
+        "## Differences from DPO (same data and seeds; listed where the interval excludes 0)",
+        "",
+        *comparisons(groups, methods, subsets),
         "",
         "## Figures",
         "",
-        *[f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures],
+        "Curves: mean over seeds, band = 95% interval. Margin plots: held-out pairs at the last step, binned by length",
+        "difference; the point is the mean over seeds of each seed's bin mean, the bar its 95% interval.",
         "",
-        "## What happened",
+        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures],
         "",
-        *_observations(values),
-        "",
-        DISCUSSION,
     ]
+    discussion = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discussion.md")
+    if os.path.isfile(discussion) and not settings.get("quick"):
+        lines += [open(discussion, encoding="utf-8").read().rstrip(), ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return path

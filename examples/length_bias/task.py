@@ -1,20 +1,24 @@
 """The toy task of the length-bias study, generated here (deterministic for a seed).
 
-Prompts ask for the sum of two digits: ``what is 3 plus 4 ?``. A response states an answer, then
-adds 0 to ``MAX_FILLER`` filler sentences that carry no information::
+Prompts ask for a short list of digits in sorted order: ``sort 3 1 4 1 .``. A response states the
+sorted list digit by digit, then adds 0 to ``MAX_FILLER`` filler sentences that carry no
+information::
 
-    the answer is 7 . i hope this helps . let me know if you need more .
+    the answer is 1 1 3 4 . i hope this helps . let me know if you need more .
 
-Quality and length are independent by construction: quality is whether the first number in the
-response is the right sum (:func:`is_correct`), length is mostly filler.
+Quality lives in several response tokens (every digit of the list), which attention can copy from
+the prompt, so a tiny model can learn it; length is mostly filler. The two are independent by
+construction: quality is whether the digits before the first ``.`` are the sorted list
+(:func:`is_correct`); a wrong answer has the same number of digits, with one or two of them
+changed (:func:`corrupt`), so it is exactly as long.
 
-- SFT data: the right answer in ``SFT_CORRECT_SHARE`` of the examples (else off by 1-3), with a
-  uniformly drawn filler count, so the warm-up model is sometimes wrong and has no length preference
-  of its own.
-- Preference pairs: chosen = right answer, rejected = wrong answer, each with its own filler count;
-  the chosen response is the longer one in a tunable share of the pairs (``long_chosen_share``),
-  the shorter one in the rest (never equal). The paper's "long" / "short" subsets are the pairs
-  whose chosen response is longer / shorter.
+- SFT data: the right answer in ``SFT_CORRECT_SHARE`` of the examples (else a corrupted one), with
+  a uniformly drawn filler count, so the warm-up model, sampled at temperature 1, is right about
+  that often and has no length preference of its own.
+- Preference pairs: chosen = right answer, rejected = a corrupted one, each with its own filler
+  count; the chosen response is the longer one in a tunable share of the pairs
+  (``long_chosen_share``), the shorter one in the rest (never equal). The paper's "long" / "short"
+  subsets are the pairs whose chosen response is longer / shorter.
 """
 
 from __future__ import annotations
@@ -22,45 +26,52 @@ from __future__ import annotations
 import random
 import re
 
-MAX_DIGIT = 9
+MIN_ITEMS, MAX_ITEMS = 3, 5
 MAX_FILLER = 4
-SFT_CORRECT_SHARE = 0.6
+SFT_CORRECT_SHARE = 0.5
 FILLERS = (
     "i hope this helps .",
     "let me know if you need more .",
     "this is a good question .",
     "thank you for asking me this .",
-    "it is always fun to add numbers .",
-    "math can be very useful .",
+    "sorting is always fun .",
+    "lists can be very useful .",
 )
 
 
-def prompt_text(a: int, b: int) -> str:
-    return f"what is {a} plus {b} ?"
+def prompt_text(digits: list[int]) -> str:
+    return "sort " + " ".join(map(str, digits)) + " ."
 
 
-def all_prompts() -> list[tuple[int, int]]:
-    return [(a, b) for a in range(MAX_DIGIT + 1) for b in range(MAX_DIGIT + 1)]
+def random_list(rng: random.Random) -> list[int]:
+    return [rng.randint(0, 9) for _ in range(rng.randint(MIN_ITEMS, MAX_ITEMS))]
 
 
-def response_text(answer: int, fillers: int, rng: random.Random) -> str:
-    """``the answer is N .`` followed by ``fillers`` distinct filler sentences."""
-    return " ".join([f"the answer is {answer} ."] + rng.sample(FILLERS, fillers))
+def prompt_digits(prompt: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d", prompt)]
 
 
-def wrong_answer(a: int, b: int, rng: random.Random) -> int:
-    """A sum off by 1 to 3 (kept non-negative)."""
-    while True:
-        answer = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-        if answer >= 0:
-            return answer
+def answer_text(answer: list[int]) -> str:
+    return "the answer is " + " ".join(map(str, answer)) + " ."
+
+
+def response_text(answer: list[int], fillers: int, rng: random.Random) -> str:
+    """``the answer is d d d .`` followed by ``fillers`` distinct filler sentences."""
+    return " ".join([answer_text(answer)] + rng.sample(FILLERS, fillers))
+
+
+def corrupt(answer: list[int], rng: random.Random) -> list[int]:
+    """The list with one or two of its digits changed (each to a different digit): as long, and wrong."""
+    wrong = list(answer)
+    for i in rng.sample(range(len(wrong)), rng.choice([1, 2])):
+        wrong[i] = rng.choice([d for d in range(10) if d != answer[i]])
+    return wrong
 
 
 def is_correct(prompt: str, response: str) -> bool:
-    """Whether the first number in ``response`` is the sum the prompt asks for."""
-    a, b = (int(x) for x in re.findall(r"\d+", prompt)[:2])
-    numbers = re.findall(r"\d+", response)
-    return bool(numbers) and int(numbers[0]) == a + b
+    """Whether the digits of ``response`` before its first ``.`` are the prompt's list, sorted."""
+    head = response.split(".", 1)[0]
+    return [int(x) for x in re.findall(r"\d+", head)] == sorted(prompt_digits(prompt))
 
 
 def sft_records(seed: int, count: int) -> list[dict]:
@@ -69,21 +80,23 @@ def sft_records(seed: int, count: int) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        a, b = rng.choice(all_prompts())
-        answer = a + b if rng.random() < SFT_CORRECT_SHARE else wrong_answer(a, b, rng)
+        digits = random_list(rng)
+        right = sorted(digits)
+        answer = right if rng.random() < SFT_CORRECT_SHARE else corrupt(right, rng)
         chosen = response_text(answer, rng.randint(0, MAX_FILLER), rng)
-        records.append({"prompt": prompt_text(a, b), "chosen": chosen, "rejected": f"the answer is {answer + 10} ."})
+        records.append({"prompt": prompt_text(digits), "chosen": chosen, "rejected": "the answer is ."})
     return records
 
 
-def preference_pair(a: int, b: int, chosen_longer: bool, rng: random.Random) -> dict:
+def preference_pair(digits: list[int], chosen_longer: bool, rng: random.Random) -> dict:
     """A right-vs-wrong pair whose chosen response is the longer (or the shorter) one by >= 1 filler."""
     short, long = sorted(rng.sample(range(MAX_FILLER + 1), 2))
     chosen_fill, rejected_fill = (long, short) if chosen_longer else (short, long)
+    right = sorted(digits)
     return {
-        "prompt": prompt_text(a, b),
-        "chosen": response_text(a + b, chosen_fill, rng),
-        "rejected": response_text(wrong_answer(a, b, rng), rejected_fill, rng),
+        "prompt": prompt_text(digits),
+        "chosen": response_text(right, chosen_fill, rng),
+        "rejected": response_text(corrupt(right, rng), rejected_fill, rng),
     }
 
 
@@ -93,10 +106,18 @@ def preference_records(seed: int, count: int, long_chosen_share: float) -> list[
     longs = round(count * long_chosen_share)
     flags = [True] * longs + [False] * (count - longs)
     rng.shuffle(flags)
-    return [preference_pair(*rng.choice(all_prompts()), flag, rng) for flag in flags]
+    return [preference_pair(random_list(rng), flag, rng) for flag in flags]
+
+
+def eval_prompts(seed: int, count: int) -> list[str]:
+    """``count`` distinct prompts for the monitor's generations."""
+    rng = random.Random(seed)
+    prompts: dict[str, None] = {}
+    while len(prompts) < count:
+        prompts[prompt_text(random_list(rng))] = None
+    return list(prompts)
 
 
 def vocabulary_lines() -> list[str]:
     """Every word the task can produce (the tokenizer is trained on these)."""
-    numbers = " ".join(str(n) for n in range(2 * MAX_DIGIT + 4 + 10))
-    return [prompt_text(1, 2), "the answer is", numbers, *FILLERS]
+    return [prompt_text(list(range(10))), answer_text([]), *FILLERS]

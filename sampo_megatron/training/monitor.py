@@ -72,6 +72,7 @@ class VerbosityMonitor:
         self.policy, self.reference, self.ctx, self.par = policy, reference, ctx, par
         self.interval = ev.eval_interval
         self.output = ev.eval_output
+        self.rewards_output = ev.eval_rewards_output
         self.generation = GenerationConfig(
             ev.eval_max_new_tokens, ev.eval_temperature, ev.eval_top_p, cfg.training.seed, ev.eval_batch_size
         )
@@ -113,7 +114,7 @@ class VerbosityMonitor:
         if self.prompt_ids:
             metrics.update(self._lengths(iteration))
         if self.micro_batches:
-            metrics.update(self._held_out_rewards())
+            metrics.update(self._held_out_rewards(iteration))
         metrics["eval/time_s"] = time.perf_counter() - start
         return metrics
 
@@ -134,7 +135,7 @@ class VerbosityMonitor:
         return length_summary([g.num_tokens for g in results], [g.stopped_at_eos for g in results])
 
     @torch.no_grad()
-    def _held_out_rewards(self) -> dict[str, float]:
+    def _held_out_rewards(self, iteration: int) -> dict[str, float]:
         seq = self.cfg.training.seq_length
         modes = [m.training for m in self.policy]
         for m in self.policy:
@@ -168,6 +169,8 @@ class VerbosityMonitor:
         metrics = {name: total / pairs for name, total in sums.items()}
         # the long/short view (evaluation/stratified.py), on the debiased and the whole-response rewards
         pair_values = {name: torch.cat(values).numpy() for name, values in per_pair.items()}
+        if self.rewards_output and self.par.logs:
+            self._write_pair_rewards(iteration, pair_values)
         for prefix in _REWARD_METRICS:
             split = length_stratified(
                 pair_values[f"{prefix}/margins"], pair_values["lengths/chosen"], pair_values["lengths/rejected"]
@@ -175,3 +178,13 @@ class VerbosityMonitor:
             metrics.update({f"eval/{prefix}/{name}": value for name, value in split.items() if not name.startswith("pairs_")})
         metrics.update({f"eval/{name}": value for name, value in split.items() if name.startswith("pairs_")})
         return metrics
+
+    def _write_pair_rewards(self, iteration: int, pair_values: dict) -> None:
+        """One line per held-out pair, in the file's order: ``rewards/*`` debiased, ``rewards_full/*`` whole."""
+        names = ["lengths/chosen", "lengths/rejected"] + [f"{p}/{side}" for p in _REWARD_METRICS for side in ("chosen", "rejected", "margins")]
+        os.makedirs(os.path.dirname(os.path.abspath(self.rewards_output)), exist_ok=True)
+        with open(self.rewards_output, "a", encoding="utf-8") as f:
+            for index in range(len(pair_values["lengths/chosen"])):
+                record = {"iteration": iteration, "index": index}
+                record.update({name: float(pair_values[name][index]) for name in names})
+                f.write(json.dumps(record) + "\n")
