@@ -27,7 +27,7 @@ demo: install
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 \
 		launch/pretrain_sampo.py --config examples/tiny_cpu.yaml
 
-# The DPO / SamPO / SimPO / R-DPO length-bias study on CPU; writes docs/length_bias_study.md (+ PNGs).
+# The length-bias study (12 methods x 3 data sets x 3 seeds, under 30 min on 2 cores); writes docs/length_bias_study.md (+ PNGs).
 length-bias: install
 	$(PY) examples/length_bias/run.py
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +52,15 @@ def test_pairs_have_the_asked_length_bias_and_right_vs_wrong_answers(tmp_path, s
             assert (len(tokenizer.encode(r["chosen"])) > len(tokenizer.encode(r["rejected"]))) == want
 
 
+def test_held_out_prompts_ask_for_no_list_the_training_data_asks_for(tmp_path):
+    paths = write_assets(str(tmp_path), seed=3, num_pairs=300, num_sft=600, num_heldout=100, num_eval_prompts=100)
+    read = {name: [json.loads(line) for line in open(paths[name])] for name in ("sft", "pairs_all", "pairs_long", "pairs_short", "heldout", "eval_prompts")}
+    seen = {tuple(sorted(int(c) for c in r["prompt"].split() if c.isdigit())) for n in ("sft", "pairs_all", "pairs_long", "pairs_short") for r in read[n]}
+    for name in ("heldout", "eval_prompts"):
+        assert read[name] and not seen & {tuple(sorted(int(c) for c in r["prompt"].split() if c.isdigit())) for r in read[name]}
+    assert len({r["prompt"] for r in read["eval_prompts"]}) == 100
+
+
 def test_plots_are_written_from_metrics_files(tmp_path):
     runs = {}
     for name, growth in (("DPO", 1.0), ("SamPO", 0.1)):
@@ -64,3 +76,42 @@ def test_plots_are_written_from_metrics_files(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in written] == ["x_rewards.png", "x_lengths.png"]
     for p in written:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_interval_is_students_t_over_seeds():
+    from report import interval
+
+    mean, half = interval([1.0, 2.0, 3.0])  # sd 1, n 3: t(0.975, 2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3**0.5, rel=1e-12)
+    assert interval([5.0, 5.0]) == (5.0, 0.0)
+    mean, half = interval([0.5])
+    assert mean == 0.5 and half != half  # one seed: no interval (NaN), never a made-up one
+
+
+@pytest.mark.multiprocess
+def test_quick_study_runs_end_to_end_and_its_table_is_what_the_runs_wrote(tmp_path):
+    """``run.py --quick``: SFT, DPO and SamPO on the three data sets with two seeds, and the report.
+    The report's accuracy for DPO on the mixed set is recomputed here from the runs' generation
+    files (the task's checker, mean and t(0.975, 1) = 12.706 half-width written out)."""
+    from helpers import REPO_ROOT
+
+    subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "length_bias" / "run.py"), "--quick", "--out-dir", str(tmp_path)],
+                   check=True, cwd=REPO_ROOT, timeout=900, stdout=subprocess.DEVNULL)  # fmt: skip
+    report = (tmp_path / "length_bias_study.md").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in report.splitlines() if line.startswith(("| DPO |", "| SamPO |"))}
+    assert rows == {(m, s) for m in ("DPO", "SamPO") for s in ("mixed", "long", "short")}
+    # every number of both tables is "mean ± half-width"
+    for line in report.splitlines():
+        if line.startswith(("| DPO | mixed | 2 |", "| SamPO | short | 2 |")):
+            assert line.count("±") == 5, line
+    accuracies = []
+    for seed in (1, 2):
+        records = [json.loads(line) for line in (tmp_path / "mixed" / "dpo" / f"seed{seed}" / "generations.jsonl").read_text().splitlines()]
+        last = max(r["iteration"] for r in records)
+        accuracies.append(statistics.fmean(task.is_correct(r["prompt"], r["response"]) for r in records if r["iteration"] == last) * 100)
+    mean, half = statistics.fmean(accuracies), 12.706 * statistics.stdev(accuracies) / 2**0.5
+    assert f"| DPO | mixed | 2 | {mean:.1f} ± {half:.1f} |" in report
+    for subset in ("mixed", "long", "short"):
+        for name in (f"length_bias_curves_{subset}.png", f"length_bias_margin_vs_length_{subset}.png"):
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({name})" in report

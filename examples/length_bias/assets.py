@@ -6,7 +6,9 @@
     DIR/pairs_long.jsonl     pairs whose chosen response is the longer one (the paper's "long" subset)
     DIR/pairs_short.jsonl    pairs whose chosen response is the shorter one ("short" subset)
     DIR/heldout.jsonl        held-out pairs for the monitor's implicit rewards (same share as pairs_all)
-    DIR/eval_prompts.jsonl   every prompt, --samples-per-prompt times (sampled generations)
+    DIR/eval_prompts.jsonl   held-out prompts, each --samples-per-prompt times (sampled generations)
+
+Held-out pairs and prompts ask for no list (as a multiset) that the SFT or preference data asks for.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ def write_assets(out_dir: str, seed: int = 0, long_chosen_share: float = 0.7, nu
         "pairs_all": task.preference_records(seed + 1, num_pairs, long_chosen_share),
         "pairs_long": task.preference_records(seed + 2, num_pairs, 1.0),
         "pairs_short": task.preference_records(seed + 3, num_pairs, 0.0),
-        "heldout": task.preference_records(seed + 4, num_heldout, long_chosen_share),
-        "eval_prompts": [{"prompt": p} for p in task.eval_prompts(seed + 5, num_eval_prompts) for _ in range(samples_per_prompt)],
     }
+    # Held out means unseen: no list (in any order) that any training file asks for.
+    seen = frozenset(task.list_key(r["prompt"]) for recs in records.values() for r in recs)
+    records["heldout"] = task.preference_records(seed + 4, num_heldout, long_chosen_share, exclude=seen)
+    records["eval_prompts"] = [{"prompt": p} for p in task.eval_prompts(seed + 5, num_eval_prompts, exclude=seen)
+                               for _ in range(samples_per_prompt)]  # fmt: skip
     tokenizer = train_tokenizer(task.vocabulary_lines())
     unk = tokenizer.token_to_id("<unk>")
     for name, recs in records.items():

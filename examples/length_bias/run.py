@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                "--loss-type", "sft", "--length-debias", "none",
                                "--lr", str(args.sft_lr), "--min-lr", str(args.sft_lr / 10)], log, save=True)  # fmt: skip
     reused += 0.0 if ran else times["SFT"]
+    sft_ran = ran
     sft_ckpt = os.path.join(sft_dir, "checkpoints")
 
     methods = {name: METHODS[name] for name in QUICK_METHODS} if args.quick else METHODS
@@ -178,9 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(one, runs))
     pref_times = [seconds for seconds, _ in results]
-    reused += sum(seconds for seconds, ran in results if not ran) / max(1, args.jobs)
-    # Runs done by an earlier invocation count with the wall time they took then (divided by --jobs).
-    total = time.perf_counter() - start + reused
+    wall_file = os.path.join(args.out_dir, "wall_s.txt")
+    if sft_ran or any(ran for _, ran in results) or not os.path.isfile(wall_file):
+        # Runs done by an earlier invocation count with the wall time they took then (divided by --jobs).
+        reused += sum(seconds for seconds, ran in results if not ran) / max(1, args.jobs)
+        total = time.perf_counter() - start + reused
+        with open(wall_file, "w") as f:
+            f.write(f"{total:.1f}\n")
+    else:  # nothing ran now: the report is re-rendered with the wall time the study took
+        total = float(open(wall_file).read())
     settings = {**vars(args), "methods": methods, "sft_s": times["SFT"], "pref_s": pref_times}
     report = write_report(args.report, sft_dir, runs, data, settings, total)
     log(f"report: {report} (total {total / 60:.1f} min)")

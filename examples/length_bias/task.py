@@ -100,21 +100,34 @@ def preference_pair(digits: list[int], chosen_longer: bool, rng: random.Random) 
     }
 
 
-def preference_records(seed: int, count: int, long_chosen_share: float) -> list[dict]:
-    """``count`` pairs, exactly ``round(count * long_chosen_share)`` of them with the longer chosen."""
+def list_key(prompt: str) -> tuple[int, ...]:
+    """What a prompt asks, whatever the order of its digits (the same key, the same right answer)."""
+    return tuple(sorted(prompt_digits(prompt)))
+
+
+def _new_list(rng: random.Random, exclude: frozenset) -> list[int]:
+    while True:
+        digits = random_list(rng)
+        if tuple(sorted(digits)) not in exclude:
+            return digits
+
+
+def preference_records(seed: int, count: int, long_chosen_share: float, exclude: frozenset = frozenset()) -> list[dict]:
+    """``count`` pairs, exactly ``round(count * long_chosen_share)`` of them with the longer chosen;
+    none of whose lists (as multisets) is in ``exclude`` (held-out pairs: the training data's)."""
     rng = random.Random(seed)
     longs = round(count * long_chosen_share)
     flags = [True] * longs + [False] * (count - longs)
     rng.shuffle(flags)
-    return [preference_pair(random_list(rng), flag, rng) for flag in flags]
+    return [preference_pair(_new_list(rng, exclude), flag, rng) for flag in flags]
 
 
-def eval_prompts(seed: int, count: int) -> list[str]:
-    """``count`` distinct prompts for the monitor's generations."""
+def eval_prompts(seed: int, count: int, exclude: frozenset = frozenset()) -> list[str]:
+    """``count`` distinct prompts for the monitor's generations, none asking for a list in ``exclude``."""
     rng = random.Random(seed)
     prompts: dict[str, None] = {}
     while len(prompts) < count:
-        prompts[prompt_text(random_list(rng))] = None
+        prompts[prompt_text(_new_list(rng, exclude))] = None
     return list(prompts)
 
 
