@@ -92,7 +92,8 @@ def test_the_interval_is_students_t_over_seeds():
 def test_quick_study_runs_end_to_end_and_its_table_is_what_the_runs_wrote(tmp_path):
     """``run.py --quick``: SFT, DPO and SamPO on the three data sets with two seeds, and the report.
     The report's accuracy for DPO on the mixed set is recomputed here from the runs' generation
-    files (the task's checker, mean and t(0.975, 1) = 12.706 half-width written out)."""
+    files (the task's checker, mean and t(0.975, 1) = 12.706 half-width written out). The same
+    command again reuses every run."""
     from helpers import REPO_ROOT
 
     subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "length_bias" / "run.py"), "--quick", "--out-dir", str(tmp_path)],
@@ -116,3 +117,34 @@ def test_quick_study_runs_end_to_end_and_its_table_is_what_the_runs_wrote(tmp_pa
         for name in (f"length_bias_curves_{subset}.png", f"length_bias_margin_vs_length_{subset}.png"):
             assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({name})" in report
+
+    # The same command again redoes nothing and writes the same report.
+    specs = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/seed*/run_spec.json")}
+    assert len(specs) == 12
+    subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "length_bias" / "run.py"), "--quick", "--out-dir", str(tmp_path)],
+                   check=True, cwd=REPO_ROOT, timeout=900, stdout=subprocess.DEVNULL)  # fmt: skip
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in specs.items())
+    assert (tmp_path / "length_bias_study.md").read_text() == report
+
+
+@pytest.mark.multiprocess
+def test_a_finished_run_is_reused_only_with_the_same_command_and_data(tmp_path):
+    """run.py's ``train``: a data file whose content changed under the same path (another
+    --long-chosen-share rewrites pairs_all.jsonl) makes the run start over; so does ``force``."""
+    from run import train
+
+    paths = write_assets(str(tmp_path / "data"), seed=1, num_pairs=64, num_sft=64, num_heldout=8, num_eval_prompts=4)
+    flags = ["--tokenizer-model", paths["tokenizer"], "--eval-prompts", paths["eval_prompts"], "--eval-data-path", paths["heldout"],
+             "--eval-interval", "2", "--data-path", paths["sft"], "--loss-type", "sft", "--length-debias", "none"]  # fmt: skip
+    run_dir = str(tmp_path / "run")
+
+    def ran(**kwargs) -> bool:
+        return train("sft", run_dir, 2, flags, lambda text: None, **kwargs)[1]
+
+    assert ran()
+    assert not ran()  # the same command and data: reused
+    assert ran(force=True)
+    with open(paths["sft"], "a") as f:
+        f.write(open(paths["sft"]).readline())
+    assert ran()
+    assert not ran()

@@ -22,6 +22,7 @@ writes its report into --out-dir; the tests use it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -72,17 +73,24 @@ def _finished(metrics_file: str, iters: int) -> bool:
         return any(json.loads(line).get("iteration") == iters for line in f if line.strip())
 
 
-def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool = False) -> tuple[float, bool]:
+def _inputs_digest(flags: list[str]) -> str:
+    """SHA-256 of the data files a run reads (their paths stay the same when their content changes,
+    e.g. another --long-chosen-share)."""
+    digest = hashlib.sha256()
+    for flag in ("--data-path", "--eval-prompts", "--eval-data-path"):
+        with open(flags[flags.index(flag) + 1], "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool = False, force: bool = False) -> tuple[float, bool]:
     """One trainer launch (torchrun, 1 process, 1 thread); returns its wall time and whether it ran
-    now (False: an earlier invocation finished it, and its recorded wall time is returned)."""
+    now (False: an earlier invocation finished it, and its recorded wall time is returned).
+
+    A finished run is reused only when its command and the content of its data files are the same
+    as now, and not ``force`` (its starting checkpoint was retrained)."""
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    wall_file = os.path.join(run_dir, "wall_s.txt")
-    if _finished(metrics, iters) and os.path.isfile(wall_file):
-        log(f"[{name}] already done ({metrics})")
-        return float(open(wall_file).read()), False
-    # A half-finished run starts over (its logs would mix with the new ones).
-    subprocess.run(["rm", "-rf", run_dir], check=True)
-    os.makedirs(run_dir)
+    wall_file, spec_file = os.path.join(run_dir, "wall_s.txt"), os.path.join(run_dir, "run_spec.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            os.path.join(REPO, "launch", "pretrain_sampo.py"), "--config", os.path.join(HERE, "model.yaml"),
            "--train-iters", str(iters), "--metrics-file", metrics,
@@ -90,6 +98,15 @@ def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool
            "--eval-rewards-output", os.path.join(run_dir, "pair_rewards.jsonl"), *flags]  # fmt: skip
     if save:
         cmd += ["--save", os.path.join(run_dir, "checkpoints")]
+    spec = {"command": cmd, "inputs_sha256": _inputs_digest(flags)}
+    if not force and _finished(metrics, iters) and os.path.isfile(wall_file) and os.path.isfile(spec_file):
+        with open(spec_file) as f:
+            if json.load(f) == spec:
+                log(f"[{name}] already done ({metrics})")
+                return float(open(wall_file).read()), False
+    # A half-finished run, or one with other settings, starts over.
+    subprocess.run(["rm", "-rf", run_dir], check=True)
+    os.makedirs(run_dir)
     # One thread per run: the runs of this tiny model go side by side, one per core (--jobs).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
@@ -104,6 +121,8 @@ def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool
     log(f"[{name}] done in {elapsed:.0f} s")
     with open(wall_file, "w") as f:
         f.write(f"{elapsed:.1f}\n")
+    with open(spec_file, "w") as f:
+        json.dump(spec, f)
     return elapsed, True
 
 
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         flags = [*common, "--eval-interval", str(args.eval_interval), "--data-path", data[SUBSETS[subset]],
                  "--load", sft_ckpt, "--ref-load", sft_ckpt, "--finetune", "--seed", str(seed),
                  "--lr", str(args.pref_lr), "--min-lr", str(args.pref_lr / 10), *methods[method]]  # fmt: skip
-        result = train(f"{method} / {subset} / seed {seed}", run_dir, args.pref_iters, flags, lambda text: None)
+        result = train(f"{method} / {subset} / seed {seed}", run_dir, args.pref_iters, flags, lambda text: None, force=sft_ran)
         with lock:
             done[0] += 1
             count = done[0]
