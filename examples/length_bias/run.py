@@ -114,7 +114,7 @@ def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool
         out.write(" ".join(cmd) + "\n")
         out.flush()
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    elapsed = time.perf_counter() - start
+    elapsed = round(time.perf_counter() - start, 1)  # as recorded: a re-rendered report shows the same numbers
     if proc.returncode:
         tail = open(os.path.join(run_dir, "train.log")).read()[-3000:]
         raise RuntimeError(f"[{name}] failed ({proc.returncode}); see {run_dir}/train.log:\n{tail}")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if sft_ran or any(ran for _, ran in results) or not os.path.isfile(wall_file):
         # Runs done by an earlier invocation count with the wall time they took then (divided by --jobs).
         reused += sum(seconds for seconds, ran in results if not ran) / max(1, args.jobs)
-        total = time.perf_counter() - start + reused
+        total = round(time.perf_counter() - start + reused, 1)  # as recorded
         with open(wall_file, "w") as f:
             f.write(f"{total:.1f}\n")
     else:  # nothing ran now: the report is re-rendered with the wall time the study took
