@@ -49,30 +49,26 @@ def fmt(values: list[float], scale: float = 1.0, digits: int = 1, sign: bool = F
     return f"{mean * scale:{'+' if sign else ''}.{digits}f} ± {half * scale:.{digits}f}"
 
 
-def generation_quality(path: str) -> dict[int, dict[str, float]]:
-    """Per eval iteration: accuracy (the sorted list before the first '.'), mean length, EOS share."""
-    by_iter: dict[int, list[dict]] = defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            by_iter[record["iteration"]].append(record)
-    return {
-        it: {
-            "accuracy": statistics.fmean(task.is_correct(r["prompt"], r["response"]) for r in recs),
-            "length": statistics.fmean(r["num_tokens"] for r in recs),
-            "eos": statistics.fmean(r["stopped_at_eos"] for r in recs),
-        }
-        for it, recs in sorted(by_iter.items())
-    }
-
-
-def read_pair_rewards(path: str) -> dict[int, list[dict]]:
+def by_iteration(path: str) -> dict[int, list[dict]]:
+    """The records of a monitor JSONL file (--eval-output, --eval-rewards-output) by iteration."""
     by_iter: dict[int, list[dict]] = defaultdict(list)
     with open(path, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             by_iter[record["iteration"]].append(record)
     return by_iter
+
+
+def generation_quality(path: str) -> dict[int, dict[str, float]]:
+    """Per eval iteration: accuracy (the sorted list before the first '.'), mean length, EOS share."""
+    return {
+        it: {
+            "accuracy": statistics.fmean(task.is_correct(r["prompt"], r["response"]) for r in recs),
+            "length": statistics.fmean(r["num_tokens"] for r in recs),
+            "eos": statistics.fmean(r["stopped_at_eos"] for r in recs),
+        }
+        for it, recs in sorted(by_iteration(path).items())
+    }
 
 
 class Run:
@@ -83,7 +79,7 @@ class Run:
         self.quality = generation_quality(os.path.join(run_dir, "generations.jsonl"))
         records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         self.evals = {r["iteration"]: r for r in records if "eval/rewards_full/margins" in r}
-        self.pairs = read_pair_rewards(os.path.join(run_dir, "pair_rewards.jsonl"))
+        self.pairs = by_iteration(os.path.join(run_dir, "pair_rewards.jsonl"))
         self.last = max(self.quality)
         self.wall_s = float(open(os.path.join(run_dir, "wall_s.txt")).read())
 

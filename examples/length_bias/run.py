@@ -168,13 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     log(f"data and tokenizer in {os.path.join(args.out_dir, 'data')}")
     common = ["--tokenizer-model", data["tokenizer"], "--eval-prompts", data["eval_prompts"], "--eval-data-path", data["heldout"]]
     sft_dir = os.path.join(args.out_dir, "sft")
-    times, reused = {}, 0.0
-    times["SFT"], ran = train("SFT", sft_dir, args.sft_iters,
+    sft_s, sft_ran = train("SFT", sft_dir, args.sft_iters,
                               [*common, "--eval-interval", str(max(1, args.sft_iters // 5)), "--data-path", data["sft"],
                                "--loss-type", "sft", "--length-debias", "none",
                                "--lr", str(args.sft_lr), "--min-lr", str(args.sft_lr / 10)], log, save=True)  # fmt: skip
-    reused += 0.0 if ran else times["SFT"]
-    sft_ran = ran
+    reused = 0.0 if sft_ran else sft_s
     sft_ckpt = os.path.join(sft_dir, "checkpoints")
 
     methods = {name: METHODS[name] for name in QUICK_METHODS} if args.quick else METHODS
@@ -207,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(f"{total:.1f}\n")
     else:  # nothing ran now: the report is re-rendered with the wall time the study took
         total = float(open(wall_file).read())
-    settings = {**vars(args), "methods": methods, "sft_s": times["SFT"], "pref_s": pref_times}
+    settings = {**vars(args), "methods": methods, "sft_s": sft_s, "pref_s": pref_times}
     report = write_report(args.report, sft_dir, runs, data, settings, total)
     log(f"report: {report} (total {total / 60:.1f} min)")
 

@@ -125,13 +125,11 @@ class VerbosityMonitor:
             vocab_size=self.vocab_size, max_length=cfg.training.seq_length, sequence_parallel=cfg.parallel.sequence_parallel,
         )  # fmt: skip
         if self.output and self.par.logs:
-            os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
-            with open(self.output, "a", encoding="utf-8") as f:
-                for prompt, g in zip(self.prompts, results):
-                    record = {"iteration": iteration, "index": g.index, "prompt": prompt,
-                              "response": tok.decode(g.response_ids), "num_tokens": g.num_tokens,
-                              "stopped_at_eos": g.stopped_at_eos}  # fmt: skip
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            _append_jsonl(self.output, (
+                {"iteration": iteration, "index": g.index, "prompt": prompt, "response": tok.decode(g.response_ids),
+                 "num_tokens": g.num_tokens, "stopped_at_eos": g.stopped_at_eos}
+                for prompt, g in zip(self.prompts, results)
+            ))  # fmt: skip
         return length_summary([g.num_tokens for g in results], [g.stopped_at_eos for g in results])
 
     @torch.no_grad()
@@ -182,9 +180,15 @@ class VerbosityMonitor:
     def _write_pair_rewards(self, iteration: int, pair_values: dict) -> None:
         """One line per held-out pair, in the file's order: ``rewards/*`` debiased, ``rewards_full/*`` whole."""
         names = ["lengths/chosen", "lengths/rejected"] + [f"{p}/{side}" for p in _REWARD_METRICS for side in ("chosen", "rejected", "margins")]
-        os.makedirs(os.path.dirname(os.path.abspath(self.rewards_output)), exist_ok=True)
-        with open(self.rewards_output, "a", encoding="utf-8") as f:
-            for index in range(len(pair_values["lengths/chosen"])):
-                record = {"iteration": iteration, "index": index}
-                record.update({name: float(pair_values[name][index]) for name in names})
-                f.write(json.dumps(record) + "\n")
+        _append_jsonl(self.rewards_output, (
+            {"iteration": iteration, "index": index, **{name: float(pair_values[name][index]) for name in names}}
+            for index in range(len(pair_values["lengths/chosen"]))
+        ))  # fmt: skip
+
+
+def _append_jsonl(path: str, records) -> None:
+    """Append one JSON line per record (the logging rank's --eval-output / --eval-rewards-output)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
