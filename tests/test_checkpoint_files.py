@@ -144,6 +144,62 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
     assert "earlier run of this SLURM job" in run_lock.RunLock(str(tmp_path)).acquire()
 
 
+# A "rank" under a "launcher": it arms die_with_launcher, then forks two children the way
+# megatron-core's checkpoint writers are forked: one from the main thread, one from a thread that
+# ends at once (prctl(2): the parent-death signal may fire when the forking thread ends, so that
+# child watches its parent process instead).
+_RANK = """
+import multiprocessing, os, sys, threading, time
+from sampo_megatron.training.run_lock import die_with_launcher
+assert die_with_launcher()
+fork = multiprocessing.get_context("fork")
+writers = [fork.Process(target=time.sleep, args=(600,))]
+writers[0].start()
+def start_from_a_thread():
+    writers.append(fork.Process(target=time.sleep, args=(600,)))
+    writers[1].start()
+thread = threading.Thread(target=start_from_a_thread)
+thread.start(); thread.join()
+time.sleep(1.5)  # past the thread's end and the watcher's first look at its parent
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(" ".join(str(p) for p in [os.getpid(), *(w.pid for w in writers)]))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed orphan may linger as a zombie until PID 1 reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_launcher_takes_its_rank_and_the_ranks_forked_writers_along(tmp_path):
+    import subprocess
+    import sys
+
+    pids_file = tmp_path / "pids"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                                 sys.executable, "-c", _RANK, str(pids_file)], env=env)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not pids_file.exists():
+            assert launcher.poll() is None and time.time() < deadline, "the rank did not start its writers"
+            time.sleep(0.05)
+        pids = [int(p) for p in pids_file.read_text().split()]
+        assert len(pids) == 3 and all(_running(p) for p in pids), "a forked child died while the rank runs"
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.time() + 10
+    while any(_running(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if _running(p)] == [], "processes outlived the launcher (rank, main-thread child, thread's child)"
+
+
 def _record(**changes) -> dict:
     cfg = RunConfig()
     for dotted, value in changes.items():

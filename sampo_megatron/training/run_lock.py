@@ -16,7 +16,8 @@ torchrun's process group leaves them running, re-parented to PID 1, still saving
 directory. :func:`die_with_launcher` asks the kernel (Linux ``prctl(PR_SET_PDEATHSIG)``) to SIGKILL
 the process when its parent, the torchrun agent, dies. It acts only under torchrun: a rank started
 by srun or mpirun dies with its step already, and a plain ``python launch/pretrain_sampo.py`` under
-``nohup`` must outlive its shell.
+``nohup`` must outlive its shell. The processes a rank forks (megatron-core's checkpoint writers)
+die with the rank in turn.
 """
 
 from __future__ import annotations
@@ -204,14 +205,13 @@ def lock_save_dir(save_dir: str | None) -> RunLock | None:
     return lock
 
 
-def die_with_launcher() -> bool:
-    """Under torchrun, have the kernel SIGKILL this process when its parent (the torchrun agent) dies.
+def _die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux
+    ``prctl(PR_SET_PDEATHSIG)``); kills it at once when its parent is already gone.
 
     Returns:
         True when the parent-death signal was set.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
-        return False
     import ctypes
 
     parent = os.getppid()
@@ -219,6 +219,53 @@ def die_with_launcher() -> bool:
     PR_SET_PDEATHSIG = 1
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
-    if os.getppid() != parent or parent == 1:  # the launcher died before the signal was armed
+    if os.getppid() != parent or parent == 1:  # the parent died before the signal was armed
         os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+_forked_by_main_thread = True
+"""Set in the parent just before each fork (the child inherits the value)."""
+
+
+def _before_fork() -> None:
+    global _forked_by_main_thread
+    _forked_by_main_thread = threading.current_thread() is threading.main_thread()
+
+
+def _watch_parent(parent: int, interval_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_dies_with_rank() -> None:
+    """In a process forked by a rank: die with the rank.
+
+    The kernel's parent-death signal fires when the forking *thread* ends, so it is armed only
+    for forks from the main thread (which lives as long as the rank); a child forked by another
+    thread polls its parent instead.
+    """
+    if _forked_by_main_thread:
+        _die_with_parent()
+    else:
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="sampo-die-with-rank", daemon=True).start()
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun, have the kernel SIGKILL this process when its parent (the torchrun agent)
+    dies, and every process it forks when it dies.
+
+    The forked processes matter: megatron-core's checkpoint save forks writer processes (also for
+    a synchronous save, and one more for ``--async-save``). A rank killed during a save would leave
+    them writing into the run directory, unseen by the lock, after its launcher is gone.
+
+    Returns:
+        True when the parent-death signal was set.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
+        return False
+    if not _die_with_parent():
+        return False
+    os.register_at_fork(before=_before_fork, after_in_child=_child_dies_with_rank)
     return True
