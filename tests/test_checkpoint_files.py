@@ -1,5 +1,6 @@
 """Checkpoint files as files (sampo_megatron/checkpoint, training/run_lock.py, training/run_config.py):
-manifests, fallback, the pickle allow-list, the run lock, config comparison. One process, no model."""
+manifests, fallback, the pickle allow-list, the run lock, processes that die with their launcher, config
+comparison. No model; one process, except the launcher test's small Python processes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,9 +180,6 @@ def _running(pid: int) -> bool:
 
 
 def test_a_killed_launcher_takes_its_rank_and_the_ranks_forked_writers_along(tmp_path):
-    import subprocess
-    import sys
-
     pids_file = tmp_path / "pids"
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
