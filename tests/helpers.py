@@ -20,6 +20,8 @@ import torch
 
 from sampo_megatron.losses.debias import DebiasInputs
 
+from pool import pool
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -34,14 +36,23 @@ def torchrun_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None):
-    """Run ``tests/workers/<worker>`` (or a script path) under ``torchrun --standalone``.
+def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None,
+                 launch: bool = False):  # fmt: skip
+    """Run ``tests/workers/<worker>`` (or a script path) on ``nproc`` ranks: on the session's
+    persistent pool of that size (tests/pool.py), or under a real ``torchrun --standalone``
+    launch when the test's subject is the process (``launch=True``), its exit status and streams
+    (``check=False``), or an environment of its own (``env``).
 
     Returns:
         The combined output (``check=True``: raises AssertionError with its tail when any rank
         fails), or the CompletedProcess when ``check=False``.
     """
     script = worker if isinstance(worker, Path) else WORKERS / worker
+    if not (launch or env is not None or not check):
+        codes, output = pool(nproc).run("pool:run_script", str(script), list(args), timeout=timeout)
+        if any(codes):
+            raise AssertionError(f"{script.name} x{nproc} (pool) failed, exit codes {codes}:\n{output[-6000:]}")
+        return output
     cmd = torchrun_command(script, nproc, *args)
     # Own session + files instead of pipes: a SIGKILLed rank can leave helper processes (megatron's
     # checkpoint writer Manager) that would hold pipes open; the whole session is killed afterwards.
@@ -101,11 +112,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True):
+def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True, launch=False):
+    """``launch/pretrain_sampo.py`` with :data:`BASE` and ``flags``, saving into ``<tmp>/<name>/ckpt``
+    (run as :func:`run_torchrun` decides: on the pool unless ``env``, ``check=False`` or ``launch``)."""
     run_dir = tmp / name
     metrics = run_dir / "metrics.jsonl"
     args = [*BASE, "--save", str(run_dir / "ckpt"), "--metrics-file", str(metrics), *flags]
-    out = run_torchrun(LAUNCH, nproc, *args, env=env, check=check)
+    out = run_torchrun(LAUNCH, nproc, *args, env=env, check=check, launch=launch)
     return (read_metrics(metrics) if metrics.exists() else []), out
 
 

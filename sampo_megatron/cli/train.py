@@ -58,6 +58,22 @@ def main(argv: list[str] | None = None) -> None:
     from ..config import parse_config
 
     try:
+        _main(argv)
+    finally:
+        # Not taken over by a trainer (an error before it, --dry-run): the handlers go back, and
+        # a signal recorded meanwhile is delivered as it would have been (cli/signals.py).
+        import signal
+
+        from .signals import release_early
+
+        for sig in release_early():
+            signal.raise_signal(sig)
+
+
+def _main(argv: list[str] | None) -> None:
+    from ..config import parse_config
+
+    try:
         cfg = parse_config(argv)
         if cfg.plan.dry_run:  # the layout checked and the memory plan printed, nothing built
             from ..planning.dry_run import dry_run_report

@@ -396,6 +396,7 @@ def _in_cuda_view(fn: Callable[..., Any]) -> Callable[..., Any]:
         with _cpu_tensors_as_cuda():
             return fn(*args, **kwargs)
 
+    wrapper._sampo_cuda_view = True  # applied_problems() tells a wrapped function apart
     return wrapper
 
 
@@ -583,6 +584,31 @@ def apply_cpu_compat() -> bool:
 
     _APPLIED = True
     return True
+
+
+def applied_problems() -> list[str]:
+    """Whether the CPU layer is still in place exactly once (checked between runs in one process,
+    runtime/leftovers.py): every shimmed module's ``torch`` is the shim, the RNG accessors are the
+    CPU ones, and no wrapped function was wrapped again. Empty before :func:`apply_cpu_compat`
+    and on a machine with CUDA."""
+    if not _APPLIED:
+        return []
+    problems = []
+    for entry in _SHIMMED_MODULES:
+        if not isinstance(importlib.import_module(entry.module).__dict__.get("torch"), _TorchShim):
+            problems.append(f"{entry.module}: its 'torch' is no longer the CPU shim")
+    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+    if random_mod._get_cuda_rng_state is not _get_cpu_rng_state or random_mod._set_cuda_rng_state is not _set_cpu_rng_state:
+        problems.append("megatron.core.tensor_parallel.random: the RNG state accessors are no longer the CPU ones")
+    line = release_line().name
+    for fn in _CUDA_VIEW_FUNCTIONS:
+        owner, name = _resolve(importlib.import_module(fn.module), fn.path, line)
+        current = getattr(owner, name)
+        if not getattr(current, "_sampo_cuda_view", False):
+            problems.append(f"{fn.module}.{fn.path}: no longer wrapped")
+        elif getattr(current.__wrapped__, "_sampo_cuda_view", False):
+            problems.append(f"{fn.module}.{fn.path}: wrapped twice")
+    return problems
 
 
 def model_parallel_manual_seed(seed: int) -> None:

@@ -191,6 +191,9 @@ class Reference:
     def attach(self, micro_batches: list[MicroBatch]) -> None:
         """Put ``ref_logps`` on each micro-batch (on the ranks that compute the loss)."""
 
+    def close(self) -> None:
+        """Release what the reference holds open (the cache's mapped file)."""
+
 
 class NoReference(Reference):
     """Reference-free losses (SimPO, ORPO, SFT): nothing to run, nothing to attach."""
@@ -294,3 +297,6 @@ class CachedReference(Reference):
 
                 ref_logps = get_batch_on_this_cp_rank({"ref_logps": ref_logps})["ref_logps"]
             batch["ref_logps"] = ref_logps
+
+    def close(self) -> None:
+        self.cache.close()

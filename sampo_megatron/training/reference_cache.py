@@ -137,6 +137,10 @@ class ReferenceCache:
             os.replace(meta + ".tmp", meta)
         dist.barrier()
 
+    def close(self) -> None:
+        """Unmap the cache file (the next :meth:`lookup` maps it again)."""
+        self._array, self._version = None, None
+
     def lookup(self, version: int, sample_ids: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """``[2P, width]`` reference log-probs of these pairs (chosen rows, then rejected rows);
         ``width`` defaults to the cache's sequence length."""

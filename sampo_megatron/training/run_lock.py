@@ -226,6 +226,7 @@ def _die_with_parent() -> bool:
 
 _forked_by_main_thread = True
 """Set in the parent just before each fork (the child inherits the value)."""
+_fork_hook_registered = False
 
 
 def _before_fork() -> None:
@@ -265,7 +266,10 @@ def die_with_launcher() -> bool:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
         return False
+    global _fork_hook_registered
     if not _die_with_parent():
         return False
-    os.register_at_fork(before=_before_fork, after_in_child=_child_dies_with_rank)
+    if not _fork_hook_registered:  # once per process (hooks cannot be unregistered)
+        os.register_at_fork(before=_before_fork, after_in_child=_child_dies_with_rank)
+        _fork_hook_registered = True
     return True

@@ -284,6 +284,8 @@ class Trainer:
         """
         if hasattr(self, "logger"):
             self.logger.close()
+        if hasattr(self, "reference"):
+            self.reference.close()
         self.exits.restore()
         self.release_lock()
         close_distributed(barrier=synchronize)
