@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pool import pool
 
 from sampo_megatron.losses.debias import DebiasInputs
-
-from pool import pool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"

@@ -34,8 +34,9 @@ def _warm_up() -> None:
 
     dist.init_process_group("gloo")
     apply_cpu_compat()  # once per process, as every launch does at start-up; idempotent afterwards
-    import transformers  # noqa: F401  (the conversion and oracle jobs; ~2 s)
     from multiprocessing import resource_tracker
+
+    import transformers  # noqa: F401  (the conversion and oracle jobs; ~2 s)
 
     # multiprocessing's tracker of semaphores and shared memory is one per process, for its
     # lifetime (the checkpoint writer's first save starts it): part of the baseline, not a leak.

@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> None:
     from ..training.run_lock import die_with_launcher
 
     die_with_launcher()  # under torchrun: a rank never outlives its launcher (training/run_lock.py)
-    from ..config import parse_config
 
     try:
         _main(argv)
