@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py pyproject.toml tools/setup_venv.py
 	$(PYTHON) tools/setup_venv.py --venv $(VENV) --cpu-torch $(TORCH_CPU_VERSION)
 
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The unit tests only (no torchrun / multi-process runs): under two minutes.
 test-fast: install

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pool import pool
 
 from sampo_megatron.losses.debias import DebiasInputs
+
+from pool import RankError, pool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -39,16 +40,21 @@ def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 60
                  launch: bool = False):  # fmt: skip
     """Run ``tests/workers/<worker>`` (or a script path) on ``nproc`` ranks: on the session's
     persistent pool of that size (tests/pool.py), or under a real ``torchrun --standalone``
-    launch when the test's subject is the process (``launch=True``), its exit status and streams
-    (``check=False``), or an environment of its own (``env``).
+    launch when the test's subject is the process (``launch=True``: signals, kills, the launcher,
+    exit codes) or it needs an environment of its own (``env``).
 
     Returns:
         The combined output (``check=True``: raises AssertionError with its tail when any rank
-        fails), or the CompletedProcess when ``check=False``.
+        fails), or the CompletedProcess when ``check=False`` (from the pool: the ranks' streams
+        in rank order, and return code 1 when any rank exited non-zero, as torchrun's).
     """
     script = worker if isinstance(worker, Path) else WORKERS / worker
-    if not (launch or env is not None or not check):
-        codes, output = pool(nproc).run("pool:run_script", str(script), list(args), timeout=timeout)
+    if not launch and env is None:
+        ranks = pool(nproc)
+        results, output = ranks.run("pool:run_script", str(script), list(args), timeout=timeout, raise_errors=False)
+        codes = [1 if isinstance(r, RankError) else r for r in results]  # an exception: status 1, as a process
+        if not check:
+            return subprocess.CompletedProcess([str(script), *args], int(any(codes)), *ranks.last_streams)
         if any(codes):
             raise AssertionError(f"{script.name} x{nproc} (pool) failed, exit codes {codes}:\n{output[-6000:]}")
         return output
@@ -113,7 +119,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True, launch=False):
     """``launch/pretrain_sampo.py`` with :data:`BASE` and ``flags``, saving into ``<tmp>/<name>/ckpt``
-    (run as :func:`run_torchrun` decides: on the pool unless ``env``, ``check=False`` or ``launch``)."""
+    (run as :func:`run_torchrun` decides: on the pool unless ``env`` or ``launch``)."""
     run_dir = tmp / name
     metrics = run_dir / "metrics.jsonl"
     args = [*BASE, "--save", str(run_dir / "ckpt"), "--metrics-file", str(metrics), *flags]

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -41,6 +42,10 @@ GRACE_S = 20.0
 
 class PoolJobError(AssertionError):
     """A pool job failed: raised in the test that submitted it."""
+
+
+class RankError(str):
+    """The traceback of a job's exception on one rank (``raise_errors=False``)."""
 
 
 def _free_port() -> int:
@@ -59,6 +64,8 @@ class RankPool:
         self.logs: list[io.TextIOWrapper] = []
         self.starts = 0
         """How many times the ranks were started (1 + restarts)."""
+        self.last_streams = ("", "")
+        """``(stdout, stderr)`` of the last job that completed."""
 
     @property
     def alive(self) -> bool:
@@ -74,15 +81,14 @@ class RankPool:
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world_size),
                        LOCAL_WORLD_SIZE=str(self.world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
-            log = tempfile.TemporaryFile("w+", errors="replace")
+            out, err = (tempfile.TemporaryFile("w+", errors="replace") for _ in range(2))
             proc = subprocess.Popen([sys.executable, str(WORKER), str(theirs.fileno())], env=env, cwd=REPO_ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),),
-                                    start_new_session=True)  # fmt: skip
+                                    stdout=out, stderr=err, pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
             theirs.close()
             self.procs.append(proc)
             self.conns.append(Connection(os.dup(ours.fileno())))
             ours.close()
-            self.logs.append(log)
+            self.logs += [out, err]
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = set(range(self.world_size))
@@ -98,16 +104,20 @@ class RankPool:
                     self._fail(f"rank {rank} of the {self.world_size}-rank pool died while starting")
                 pending.discard(rank)
 
-    def output(self, offsets: list[int] | None = None) -> str:
-        """What the ranks printed (since ``offsets``), rank by rank."""
-        parts = []
-        for rank, log in enumerate(self.logs):
+    def streams(self, offsets: list[int] | None = None) -> tuple[str, str]:
+        """What the ranks wrote to their standard output and error (since ``offsets``), each
+        concatenated in rank order."""
+        texts = []
+        for i, log in enumerate(self.logs):
             log.flush()
-            log.seek(offsets[rank] if offsets else 0)
-            text = log.read()
+            log.seek(offsets[i] if offsets else 0)
+            texts.append(log.read())
             log.seek(0, io.SEEK_END)
-            parts.append(text)
-        return "".join(parts)
+        return "".join(texts[0::2]), "".join(texts[1::2])
+
+    def output(self, offsets: list[int] | None = None) -> str:
+        """Both streams of every rank (since ``offsets``), standard output first."""
+        return "".join(self.streams(offsets))
 
     def _states(self) -> str:
         lines = []
@@ -123,23 +133,30 @@ class RankPool:
 
     def _fail(self, headline: str, offsets: list[int] | None = None, details: str = "") -> None:
         """Stop the ranks (the next job restarts them) and raise with their output."""
+        states = self._states()  # before the ranks still running are killed
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
-        text = f"{headline}\n{self._states()}\n{details}--- output of the ranks ---\n{self.output(offsets)[-8000:]}"
+        text = f"{headline}\n{states}\n{details}--- output of the ranks ---\n{self.output(offsets)[-8000:]}"
         self._close_handles()
         raise PoolJobError(text)
 
-    def run(self, target: str, *args, timeout: float = 600, **kwargs) -> tuple[list, str]:
+    def run(self, target: str, *args, timeout: float = 600, raise_errors: bool = True, **kwargs) -> tuple[list, str]:
         """Run ``target`` (``"module:function"``) with ``args`` and ``kwargs`` on every rank.
 
+        Args:
+            raise_errors: False: an exception on a rank is that rank's result (a :class:`RankError`),
+                as a launched process's traceback and exit status would be.
+
         Returns:
-            ``(results, output)``: each rank's return value in rank order, and what the ranks printed.
+            ``(results, output)``: each rank's return value in rank order, and what the ranks printed
+            (:meth:`last_streams` has the two streams apart).
 
         Raises:
-            PoolJobError: an exception on any rank, a rank that died, the timeout, or state left behind.
+            PoolJobError: an exception on any rank (unless ``raise_errors`` is False), a rank that
+                died, the timeout, or state left behind.
         """
         if not self.alive:
             self.start()
@@ -164,14 +181,17 @@ class RankPool:
                 try:
                     replies[rank] = conn.recv()
                 except (EOFError, OSError):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.procs[rank].wait(timeout=10)  # its end of the pipe closes a moment before it is reaped
                     self._fail(f"job {target}: rank {rank} died", offsets)
                 if replies[rank][0] == "error":  # the others get a grace period, not the whole timeout
                     deadline = min(deadline, time.monotonic() + GRACE_S)
-        output = self.output(offsets)
+        self.last_streams = self.streams(offsets)
+        output = "".join(self.last_streams)
         errors = {r: rep[1] for r, rep in sorted(replies.items()) if rep[0] == "error"}
-        if errors or len(replies) < self.world_size:
+        missing = [r for r in range(self.world_size) if r not in replies]
+        if (errors or missing) and raise_errors:
             details = "".join(f"--- rank {r} ---\n{tb}" for r, tb in errors.items())
-            missing = [r for r in range(self.world_size) if r not in replies]
             if missing:
                 details += f"(ranks {missing} had not finished {GRACE_S:.0f} s after the failure)\n"
             self._fail(f"job {target} failed on rank(s) {sorted(errors)}", offsets, details)
@@ -179,7 +199,20 @@ class RankPool:
         if leaked:
             details = "".join(f"--- rank {r} ---\n  " + "\n  ".join(items) + "\n" for r, items in leaked.items())
             self._fail(f"job {target} left state behind (the pool restarts)", offsets, details)
-        return [replies[r][1] for r in range(self.world_size)], output
+        if missing:  # ranks stuck after another's failure: killed, the next job restarts the pool
+            self._fail_quietly()
+        results = [RankError(f"did not finish {GRACE_S:.0f} s after another rank failed") for _ in range(self.world_size)]
+        for r, rep in replies.items():
+            results[r] = RankError(rep[1]) if rep[0] == "error" else rep[1]
+        return results, output
+
+    def _fail_quietly(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+        self._close_handles()
 
     def _close_handles(self) -> None:
         for conn in self.conns:
@@ -228,7 +261,12 @@ def run_script(script: str, argv: list[str]) -> int:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)  # as the interpreter prints sys.exit("message")
         return 0 if code is None else code if isinstance(code, int) else 1
+    except BaseException:
+        traceback.print_exc()  # as the interpreter would, before exiting with status 1
+        raise
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

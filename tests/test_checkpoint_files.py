@@ -141,6 +141,22 @@ def test_a_gone_holder_is_taken_over(tmp_path, holder, reason):
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
 
 
+def test_a_holder_that_is_a_zombie_is_gone(tmp_path):
+    """A rank killed with its launcher is re-parented to PID 1, which in a container may never reap
+    it: dead, yet its PID answers signal 0. Its lock is taken over."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped
+        assert time.time() < deadline
+        time.sleep(0.05)
+    try:
+        os.kill(child.pid, 0)  # the PID still answers
+        _lock_file(tmp_path, pid=child.pid, start_time=run_lock._process_start_time(child.pid))
+        assert "is gone" in run_lock.RunLock(str(tmp_path)).acquire()
+    finally:
+        child.wait()
+
+
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     _lock_file(tmp_path, host="node017", slurm_job_id="4242")

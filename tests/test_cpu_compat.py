@@ -9,12 +9,14 @@ reference up to fp32 rounding.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_torchrun
+from helpers import REPO_ROOT, WORKERS, run_torchrun, torchrun_env
 
 pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
@@ -86,3 +88,13 @@ def test_distributed_optimizer_dp2(reference: dict, tmp_path: Path) -> None:
     result = run_worker(tmp_path, "dopt", 2, "--distributed-optimizer", "--checkpoint-dir", ckpt)
     assert result["checkpoint_ok"]
     assert_matches(result, reference, ("weights",))
+
+
+def test_compat_imports_megatron_only_when_applied_and_is_idempotent():
+    """In a fresh interpreter (the pooled workers have megatron-core imported already): importing
+    sampo_megatron.compat imports no megatron, applying it twice is harmless and leaves torch's own
+    functions alone, and the shimmed modules see the CPU."""
+    code = "import megatron_gpt_worker as w; w.check_compat_is_targeted(); print('targeted')"
+    env = dict(torchrun_env(), PYTHONPATH=f"{REPO_ROOT}:{WORKERS}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "targeted" in proc.stdout, proc.stderr[-3000:]

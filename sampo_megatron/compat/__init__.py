@@ -7,6 +7,7 @@
 - :mod:`.checkpoint_writer`: stopping the torch_dist writer's helper process (both lines).
 - :mod:`.async_save`: selecting megatron-core's own asynchronous save (the argument 0.19 added).
 - :mod:`.notices`: log notices every run would print that no user can act on, filtered by release line.
+- :mod:`.indexed_dataset`: releasing the index files megatron-core's index cache keeps mapped (both lines).
 - :mod:`.output_layer`: what the response-logits hook relies on in the output layer (both lines).
 
 Each workaround asserts that what it patches exists in the installed release, so a release that

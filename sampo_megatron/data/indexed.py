@@ -159,7 +159,16 @@ class IndexedPairs(Sequence[PreferencePair]):
         kind = self.meta.get("source_location", "line")
         return Location(self.meta.get("source", self.prefix), kind, int(self.samples[i, 1]))
 
+    def close(self) -> None:
+        """Unmap the dataset's files (reading a pair afterwards is an error)."""
+        from ..compat.indexed_dataset import release_index_readers
+
+        self.datasets = {}
+        release_index_readers()  # megatron-core's index cache would keep them mapped
+
     def _encoded(self, i: int) -> EncodedPair:
+        if not self.datasets:
+            raise RuntimeError(f"indexed dataset {self.prefix} was closed")
         ids = [self.datasets[f][i].tolist() for f in FIELDS]
         return EncodedPair(*ids, keep_prefix=int(self.samples[i, 2]), keep_suffix=int(self.samples[i, 3]))
 

@@ -16,6 +16,7 @@ what differs after it was closed:
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -129,6 +130,7 @@ def leftovers(before: ProcessState) -> list[str]:
     Args:
         before: the snapshot taken before the run (:meth:`ProcessState.capture`).
     """
+    gc.collect()  # objects only a reference cycle keeps (and their files) are garbage, not leftovers
     now = ProcessState.capture()
     problems = _megatron_leftovers() + _compat_leftovers()
     if now.process_groups > before.process_groups:

@@ -61,6 +61,7 @@ class StepFeed:
         pairs, bad_records, source = load_pairs(d.data_path, tokenizer, options, progress=say)
         if dist.get_rank() == 0:
             print(f"data: {source}\ndata: {bad_records.summary(len(pairs))}", flush=True)
+        self._pairs = pairs
         self.par = par
         self.micro_batch_size = tr.micro_batch_size
         self.num_pairs = len(pairs)
@@ -74,6 +75,12 @@ class StepFeed:
             "data_fingerprint": data_fingerprint(pairs),
             "tokenizer_fingerprint": tokenizer.fingerprint(),
         }
+
+    def close(self) -> None:
+        """Release the data's files (an indexed dataset is memory-mapped)."""
+        close = getattr(self._pairs, "close", None)
+        if close is not None:
+            close()
 
     def cache_fingerprint(self) -> dict:
         """What a reference cache reads from the data (training/reference_cache.py): every pair's

@@ -50,13 +50,19 @@ def _process_start_time(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, not yet reaped: a rank killed with its launcher is
+    re-parented to PID 1, which in a container may never reap it) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _me() -> dict:

@@ -52,19 +52,20 @@ class Trainer:
         self.cfg = cfg
         # first: a signal during start-up is recorded too (the run stops after its first step)
         self.exits = ExitConditions(cfg.training)
-        self.architecture = resolve_architecture(cfg)
-        cfg.training.pack_sequences = packing_enabled(cfg)  # the default depends on the model (above)
-        validate_or_raise(cfg)
-        check_fp8_available(cfg.model, cfg.training)
-        init_distributed()
-        self.tconfig = transformer_config(cfg.model, cfg.parallel, cfg.training)
-        self.par = init_model_parallel(cfg.parallel, cfg.training.seed, self.tconfig.virtual_pipeline_model_parallel_size)
-        self.exits.device = self.par.device
-        self.run_lock = lock_save_dir(cfg.checkpoint.save)
-        try:
+        self.run_lock = None
+        try:  # a failed start leaves nothing behind either (signal handlers, lock, process groups)
+            self.architecture = resolve_architecture(cfg)
+            cfg.training.pack_sequences = packing_enabled(cfg)  # the default depends on the model (above)
+            validate_or_raise(cfg)
+            check_fp8_available(cfg.model, cfg.training)
+            init_distributed()
+            self.tconfig = transformer_config(cfg.model, cfg.parallel, cfg.training)
+            self.par = init_model_parallel(cfg.parallel, cfg.training.seed, self.tconfig.virtual_pipeline_model_parallel_size)
+            self.exits.device = self.par.device
+            self.run_lock = lock_save_dir(cfg.checkpoint.save)
             self._build()
         except BaseException:
-            self.release_lock()
+            self.close(synchronize=False)
             raise
 
     def _build(self) -> None:
@@ -284,8 +285,9 @@ class Trainer:
         """
         if hasattr(self, "logger"):
             self.logger.close()
-        if hasattr(self, "reference"):
-            self.reference.close()
+        for part in ("reference", "feed"):
+            if hasattr(self, part):
+                getattr(self, part).close()
         self.exits.restore()
         self.release_lock()
         close_distributed(barrier=synchronize)

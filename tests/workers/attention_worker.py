@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
 from sampo_megatron.models.gpt import build_model_chunks, transformer_config
-from sampo_megatron.runtime.distributed import init_distributed, init_model_parallel
+from sampo_megatron.runtime.distributed import close_distributed, init_distributed, init_model_parallel
 
 VOCAB = 128
 LENGTHS = (5, 9, 3)  # packed sequences of one row
@@ -121,7 +121,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from sampo_megatron.config import ParallelConfig, TrainingConfig
 from sampo_megatron.models.architecture import ARCHITECTURE_FILE, read_architecture
 from sampo_megatron.models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
 from sampo_megatron.runtime.checkpointing import CheckpointContents, load_checkpoint, save_checkpoint
+from sampo_megatron.runtime.distributed import close_distributed, init_distributed, reset_megatron_state
 
 
 def _forward_step(batch: dict, data_iterator, model):
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x1,2x1,1x2,2x2")
     parser.add_argument("--resave", default="", help="cases to save again (megatron-sharded) at the last layout")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    init_distributed()
     apply_cpu_compat()
     from megatron.core import parallel_state
 
@@ -121,9 +122,9 @@ def main() -> None:
         for case in args.cases.split(","):
             resave = index == len(layouts) - 1 and case in args.resave.split(",")
             run_case(args.root, case, tp, pp, tokens, resave)
-        parallel_state.destroy_model_parallel()
+        reset_megatron_state()
     dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

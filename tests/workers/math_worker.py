@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from sampo_megatron.losses import DEBIAS, DebiasInputs, LossConfig, PreferenceInputs, preference_loss
 from sampo_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
+from sampo_megatron.runtime.distributed import close_distributed, init_distributed
 
 B, S, V = 4, 24, 96
 PROMPT = 4
@@ -42,7 +43,7 @@ def main():
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     tp, cp = args.tp, args.cp
     dp = world // (tp * cp)
@@ -115,7 +116,9 @@ def main():
 
     torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    for group in {tp_group, cp_group}:  # this rank's groups (the others' are not created here)
+        dist.destroy_process_group(group)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -28,7 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sampo_megatron.compat import apply_cpu_compat, model_parallel_manual_seed
+from sampo_megatron.compat.checkpoint_writer import stop_writer_manager
 from sampo_megatron.models import weights
+from sampo_megatron.runtime.distributed import close_distributed, init_distributed, reset_megatron_state
 
 if TYPE_CHECKING:  # megatron is imported only after the compat check in main()
     from megatron.core.distributed import DistributedDataParallel
@@ -258,6 +261,7 @@ def checkpoint_round_trip(model: torch.nn.Module, ckpt_dir: str) -> None:
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     save = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir, save)
+    stop_writer_manager()  # the writer's spawned Manager would outlive the save (compat/checkpoint_writer.py)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.123)
@@ -269,8 +273,6 @@ def checkpoint_round_trip(model: torch.nn.Module, ckpt_dir: str) -> None:
 
 def check_compat_is_targeted() -> None:
     """The compat layer imports megatron only when applied, is idempotent, leaves torch alone."""
-    import sys
-
     megatron_loaded = any(m == "megatron" or m.startswith("megatron.") for m in sys.modules)
     assert not megatron_loaded, "importing sampo_megatron.compat imported megatron"
     current_device, tensor_type = torch.cuda.current_device, torch.Tensor.type
@@ -285,8 +287,12 @@ def check_compat_is_targeted() -> None:
 def main() -> None:
     """Initialise gloo and megatron, run each variant, save the merged results on rank 0."""
     args = parse_args()
-    dist.init_process_group("gloo")
-    check_compat_is_targeted()
+    # A fresh process checks that compat is targeted; on the test pool megatron-core was imported
+    # before this job (tests/test_cpu_compat.py checks it in a fresh interpreter as well).
+    fresh = not any(m == "megatron" or m.startswith("megatron.") for m in sys.modules)
+    init_distributed()
+    if fresh:
+        check_compat_is_targeted()
 
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
@@ -327,8 +333,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     dist.barrier()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    reset_megatron_state()
+    close_distributed()
 
 
 if __name__ == "__main__":

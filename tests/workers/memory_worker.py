@@ -19,12 +19,12 @@ import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch.profiler import ProfilerActivity, profile
 
 from sampo_megatron.config import parse_config
 from sampo_megatron.planning.dry_run import layout_from_config, model_shape
 from sampo_megatron.planning.memory import plan_memory
+from sampo_megatron.runtime.distributed import close_distributed, reset_megatron_state
 from sampo_megatron.training.trainer import Trainer
 
 
@@ -72,7 +72,7 @@ def main() -> None:
             "reference_configs": configs_of(trainer.reference.chunks or []),
         }
         trainer.logger.close()
-        parallel_state.destroy_model_parallel()
+        reset_megatron_state()
         del trainer, prof
         gc.collect()
     gathered = [None] * dist.get_world_size()
@@ -81,7 +81,7 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump(gathered, f)
     dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

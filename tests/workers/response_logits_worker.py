@@ -23,6 +23,7 @@ from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
 from sampo_megatron.models.gpt import build_model_chunks, transformer_config
 from sampo_megatron.models.response_logits import install_output_selection
 from sampo_megatron.models.weights import initialize_deterministically
+from sampo_megatron.runtime.distributed import close_distributed, init_distributed, reset_megatron_state
 from sampo_megatron.training.step import StepContext, _model_logits, token_logprobs
 
 VOCAB, SEQ, SEED = 200, 32, 7
@@ -66,7 +67,7 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     out = sys.argv[sys.argv.index("--out") + 1]
-    dist.init_process_group("gloo")
+    init_distributed()
     apply_cpu_compat()
     from megatron.core import parallel_state
 
@@ -98,8 +99,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    reset_megatron_state()
+    close_distributed()
 
 
 if __name__ == "__main__":
