@@ -36,12 +36,17 @@ def torchrun_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Variables a pooled job can take (set for the job's duration): test hooks that change numbers, not
+# the process (SAMPO_TEST_KILL_BEFORE_MARKER SIGKILLs the rank: a real launch).
+POOLED_ENV = {"SAMPO_TEST_NAN_GRAD_AT"}
+
+
 def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 600, check: bool = True, env: dict | None = None,
                  launch: bool = False):  # fmt: skip
     """Run ``tests/workers/<worker>`` (or a script path) on ``nproc`` ranks: on the session's
     persistent pool of that size (tests/pool.py), or under a real ``torchrun --standalone``
     launch when the test's subject is the process (``launch=True``: signals, kills, the launcher,
-    exit codes) or it needs an environment of its own (``env``).
+    exit codes) or it needs an environment of its own (``env``, beyond :data:`POOLED_ENV`).
 
     Returns:
         The combined output (``check=True``: raises AssertionError with its tail when any rank
@@ -49,9 +54,10 @@ def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 60
         in rank order, and return code 1 when any rank exited non-zero, as torchrun's).
     """
     script = worker if isinstance(worker, Path) else WORKERS / worker
-    if not launch and env is None:
+    extra = {k: v for k, v in (env or {}).items() if torchrun_env().get(k) != v}
+    if not launch and set(extra) <= POOLED_ENV:
         ranks = pool(nproc)
-        results, output = ranks.run("pool:run_script", str(script), list(args), timeout=timeout, raise_errors=False)
+        results, output = ranks.run("pool:run_script", str(script), list(args), extra, timeout=timeout, raise_errors=False)
         codes = [1 if isinstance(r, RankError) else r for r in results]  # an exception: status 1, as a process
         if not check:
             return subprocess.CompletedProcess([str(script), *args], int(any(codes)), *ranks.last_streams)

@@ -57,8 +57,15 @@ def _free_port() -> int:
 class RankPool:
     """``world_size`` ranks in one gloo group, kept between jobs."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, warm: bool = True) -> None:
+        """
+        Args:
+            world_size: ranks in the group.
+            warm: import the trainer's stack (megatron-core, transformers) when the ranks start, as
+                every job here needs it; False: torch and the process group only (the pool's own tests).
+        """
         self.world_size = world_size
+        self.warm = warm
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self.logs: list[io.TextIOWrapper] = []
@@ -82,7 +89,7 @@ class RankPool:
                        LOCAL_WORLD_SIZE=str(self.world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
             out, err = (tempfile.TemporaryFile("w+", errors="replace") for _ in range(2))
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(theirs.fileno())], env=env, cwd=REPO_ROOT,
+            proc = subprocess.Popen([sys.executable, str(WORKER), str(theirs.fileno()), "warm" if self.warm else "cold"], env=env, cwd=REPO_ROOT,
                                     stdout=out, stderr=err, pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
             theirs.close()
             self.procs.append(proc)
@@ -253,10 +260,12 @@ def stop_pools() -> None:
 
 
 # ------------------------------------------------------------------------------------ jobs
-def run_script(script: str, argv: list[str]) -> int:
-    """Run ``script`` as ``__main__`` with ``argv``, as a launch would; its exit status (0 when it
-    returns, the code of a ``SystemExit``)."""
+def run_script(script: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``script`` as ``__main__`` with ``argv`` (and the variables ``env`` set meanwhile), as a
+    launch would; its exit status (0 when it returns, the code of a ``SystemExit``)."""
     sys.argv = [script, *argv]
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
@@ -268,6 +277,11 @@ def run_script(script: str, argv: list[str]) -> int:
         traceback.print_exc()  # as the interpreter would, before exiting with status 1
         raise
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         sys.stdout.flush()
         sys.stderr.flush()
     return 0

@@ -2,8 +2,8 @@
 stop. A job is an importable function and its arguments; every rank runs it and sends back its
 result or its traceback, then whether the job left state behind (runtime/leftovers.py).
 
-Usage (by tests/pool.py only): python tests/pool_worker.py FD — FD is this rank's end of a socket
-pair to the test process; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment.
+Usage (by tests/pool.py only): python tests/pool_worker.py FD warm|cold — FD is this rank's end of
+a socket pair to the test process, cold skips importing the trainer's stack; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment.
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ def _die_with_the_test_process() -> None:
         os._exit(1)
 
 
-def _warm_up() -> None:
-    """Import what every job needs once, before the first job (what a launch pays each time)."""
+def _warm_up(warm: bool) -> None:
+    """Join the group; ``warm``: import what every job needs once, before the first job (what a
+    launch pays each time)."""
     import torch.distributed as dist
 
+    dist.init_process_group("gloo")
+    if not warm:
+        return
     import sampo_megatron.training.trainer  # noqa: F401  (megatron-core, the data stack, the losses)
     from sampo_megatron.compat import apply_cpu_compat
 
-    dist.init_process_group("gloo")
     apply_cpu_compat()  # once per process, as every launch does at start-up; idempotent afterwards
     from multiprocessing import resource_tracker
 
@@ -51,7 +54,7 @@ def _resolve(target: str):
 def main() -> None:
     _die_with_the_test_process()
     conn = Connection(int(sys.argv[1]))
-    _warm_up()
+    _warm_up(sys.argv[2] == "warm")
     from sampo_megatron.runtime.leftovers import ProcessState, leftovers
 
     baseline = ProcessState.capture()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import BASE, LAUNCH, read_metrics, run_torchrun
-from pool import PoolJobError, RankPool
+from pool import PoolJobError, RankPool, pool
 
 pytestmark = pytest.mark.multiprocess
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 @pytest.fixture(scope="module")
 def own_pool():
     """A pool of its own (these tests break it on purpose; the session's pools stay untouched)."""
-    p = RankPool(2)
+    p = RankPool(2, warm=False)  # torch and gloo only: a restart costs a second or two
     yield p
     p.stop()
 
@@ -86,7 +86,7 @@ LAYOUTS = [
 CLOCK_KEYS = ("time", "pairs_per_s", "tokens_per_s", "step_time_s", "peak_memory_gib")
 
 
-def test_three_layouts_back_to_back_in_one_process_equal_three_launches(own_pool, tmp_path):
+def test_three_layouts_back_to_back_in_one_process_equal_three_launches(tmp_path):
     """The trainer is re-entrant: TP 2 + SP, an interleaved PP 2 and DP 2 with the distributed
     optimizer, run one after the other in the same two processes, give bitwise the metrics of
     three separate torchrun launches (and nothing is left behind: the pool checks after the job)."""
@@ -95,7 +95,7 @@ def test_three_layouts_back_to_back_in_one_process_equal_three_launches(own_pool
         run = tmp_path / where / str(i)
         return [*BASE, *LAYOUTS[i], "--save", str(run / "ckpt"), "--metrics-file", str(run / "metrics.jsonl")]
 
-    codes, out = own_pool.run("pool_jobs:train_layouts", [argv("pooled", i) for i in range(3)])
+    codes, out = pool(2).run("pool_jobs:train_layouts", [argv("pooled", i) for i in range(3)])
     assert codes == [[0, 0, 0], [0, 0, 0]], out[-3000:]
     for i in range(3):
         run_torchrun(LAUNCH, 2, *argv("launched", i), launch=True)

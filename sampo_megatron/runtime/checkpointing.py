@@ -36,7 +36,7 @@ from ..checkpoint import (
     write_manifest,
 )  # fmt: skip
 from ..checkpoint.layout import MARKER, iteration_dir, marked_iteration
-from ..compat.checkpoint_writer import stop_writer_manager
+from ..compat.checkpoint_writer import start_writer_manager, stop_writer_manager
 from ..compat.optimizer_state import DISTRIB_OPTIM_SHARDING_TYPE, load_optimizer_state, prepare_optimizer_state
 
 # Fault injection for the tests: SIGKILL this process after writing a checkpoint, before its marker.
@@ -297,6 +297,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, contents: CheckpointC
         if on_complete is not None:
             on_complete(ckpt)
 
+    start_writer_manager()  # on CPU by fork, not spawn (compat/checkpoint_writer.py)
     state = _sharded_state(chunks, contents, loading=False)
     if async_queue is None:
         dist_checkpointing.save(state, ckpt, _strategies(None, dp_group))
