@@ -71,6 +71,8 @@ class RankPool:
         self.logs: list[io.TextIOWrapper] = []
         self.starts = 0
         """How many times the ranks were started (1 + restarts)."""
+        self.jobs = 0
+        """How many jobs were submitted."""
         self.last_streams = ("", "")
         """``(stdout, stderr)`` of the last job that completed."""
 
@@ -167,6 +169,7 @@ class RankPool:
         """
         if not self.alive:
             self.start()
+        self.jobs += 1
         offsets = []
         for log in self.logs:
             log.seek(0, io.SEEK_END)
@@ -251,6 +254,12 @@ def pool(world_size: int) -> RankPool:
     if world_size not in _POOLS:
         _POOLS[world_size] = RankPool(world_size)
     return _POOLS[world_size]
+
+
+def pool_summary() -> str:
+    """One line: each pool's size, how many jobs it ran and how often its ranks were started."""
+    parts = [f"{n} rank{'s' if n > 1 else ''}: {p.jobs} jobs, started {p.starts}x" for n, p in sorted(_POOLS.items())]
+    return f"rank pools (tests/pool.py): {'; '.join(parts)}" if parts else ""
 
 
 def stop_pools() -> None:
