@@ -124,5 +124,11 @@ def test_masks_identical_across_ranks_and_layouts(grids, debias):
                     assert torch.equal(a[f"{debias}_policy_weights"], b[f"{debias}_policy_weights"])
     kept = reference["policy"].T.bool()
     assert not (kept & ~mask).any()
+    # every rank's assembled mask keeps T_m = min(T_w, T_l) positions of each response (paper Eq. 10,
+    # written out here from the response lengths, not by the library)
+    lengths = mask.sum(dim=1)
+    t_m = torch.minimum(lengths[: W.B], lengths[W.B :])
+    for kind in ("policy", "ref"):
+        assert reference[kind].T.bool().sum(dim=1).tolist() == torch.cat([t_m, t_m]).tolist(), kind
     if debias == "sampo":
         assert not torch.equal(reference["policy"], reference["ref"])  # independent draws
