@@ -11,7 +11,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(summary)
 
 
-def pytest_sessionfinish(session, exitstatus):
+def pytest_unconfigure(config):  # after the terminal summary (pytest_sessionfinish comes before it)
     from pool import stop_pools
 
     stop_pools()
