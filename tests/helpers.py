@@ -54,7 +54,8 @@ def run_torchrun(worker: str | Path, nproc: int, *args: str, timeout: float = 60
         in rank order, and return code 1 when any rank exited non-zero, as torchrun's).
     """
     script = worker if isinstance(worker, Path) else WORKERS / worker
-    extra = {k: v for k, v in (env or {}).items() if torchrun_env().get(k) != v}
+    usual = torchrun_env()
+    extra = {k: v for k, v in (env or {}).items() if usual.get(k) != v}
     if not launch and set(extra) <= POOLED_ENV:
         ranks = pool(nproc)
         results, output = ranks.run("pool:run_script", str(script), list(args), extra, timeout=timeout, raise_errors=False)

@@ -143,14 +143,18 @@ class RankPool:
     def _fail(self, headline: str, offsets: list[int] | None = None, details: str = "") -> None:
         """Stop the ranks (the next job restarts them) and raise with their output."""
         states = self._states()  # before the ranks still running are killed
+        output = self.output(offsets)
+        self._kill()
+        raise PoolJobError(f"{headline}\n{states}\n{details}--- output of the ranks ---\n{output[-8000:]}")
+
+    def _kill(self) -> None:
+        """Stop the ranks at once (the next job restarts them)."""
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         for proc in self.procs:
             proc.wait()
-        text = f"{headline}\n{states}\n{details}--- output of the ranks ---\n{self.output(offsets)[-8000:]}"
         self._close_handles()
-        raise PoolJobError(text)
 
     def run(self, target: str, *args, timeout: float = 600, raise_errors: bool = True, **kwargs) -> tuple[list, str]:
         """Run ``target`` (``"module:function"``) with ``args`` and ``kwargs`` on every rank.
@@ -210,19 +214,11 @@ class RankPool:
             details = "".join(f"--- rank {r} ---\n  " + "\n  ".join(items) + "\n" for r, items in leaked.items())
             self._fail(f"job {target} left state behind (the pool restarts)", offsets, details)
         if missing:  # ranks stuck after another's failure: killed, the next job restarts the pool
-            self._fail_quietly()
+            self._kill()
         results = [RankError(f"did not finish {GRACE_S:.0f} s after another rank failed") for _ in range(self.world_size)]
         for r, rep in replies.items():
             results[r] = RankError(rep[1]) if rep[0] == "error" else rep[1]
         return results, output
-
-    def _fail_quietly(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs:
-            proc.wait()
-        self._close_handles()
 
     def _close_handles(self) -> None:
         for conn in self.conns:

@@ -26,37 +26,33 @@ def test_a_job_runs_on_every_rank_and_returns_in_rank_order(own_pool):
     assert results == [(0, 10), (1, 10)]
 
 
-def test_an_exception_comes_back_with_the_failing_ranks_traceback(own_pool):
+def fails_then_the_next_job_runs(own_pool, target: str, *args, **kwargs) -> str:
+    """Run ``target``, which must fail; the next job runs, on ranks started once more. The failure's text."""
+    own_pool.run("pool_jobs:rank_and_sum", 0)  # started and healthy before the failure
+    starts = own_pool.starts
     with pytest.raises(PoolJobError) as failure:
-        own_pool.run("pool_jobs:fail_on", 1)
-    text = str(failure.value)
+        own_pool.run(target, *args, **kwargs)
+    assert own_pool.run("pool_jobs:rank_and_sum", 3)[0] == [(0, 6), (1, 6)]
+    assert own_pool.starts == starts + 1  # restarted for the next job
+    return str(failure.value)
+
+
+def test_an_exception_comes_back_with_the_failing_ranks_traceback(own_pool):
+    text = fails_then_the_next_job_runs(own_pool, "pool_jobs:fail_on", 1)
     assert "failed on rank(s) [1]" in text and "--- rank 1 ---" in text and "--- rank 0 ---" not in text
     assert "ValueError: planted failure on rank 1" in text and "pool_jobs.py" in text  # the traceback
     assert "rank 0 was here" in text and "rank 1 was here" in text  # the ranks' output
-    assert own_pool.run("pool_jobs:rank_and_sum", 1)[0] == [(0, 2), (1, 2)]
 
 
 def test_a_job_that_hangs_fails_its_own_test_and_the_next_job_runs(own_pool):
-    own_pool.run("pool_jobs:rank_and_sum", 0)
-    starts = own_pool.starts
-    with pytest.raises(PoolJobError) as failure:
-        own_pool.run("pool_jobs:hang", 600, timeout=3)
-    text = str(failure.value)
+    text = fails_then_the_next_job_runs(own_pool, "pool_jobs:hang", 600, timeout=3)
     assert "ran past its timeout of 3 s" in text and "about to hang" in text
     assert "rank 0: running (killed by the pool)" in text
-    assert own_pool.run("pool_jobs:rank_and_sum", 3)[0] == [(0, 6), (1, 6)]
-    assert own_pool.starts == starts + 1  # restarted for the next job
 
 
 def test_a_job_that_kills_a_rank_fails_its_own_test_and_the_next_job_runs(own_pool):
-    own_pool.run("pool_jobs:rank_and_sum", 0)
-    starts = own_pool.starts
-    with pytest.raises(PoolJobError) as failure:
-        own_pool.run("pool_jobs:kill_rank", 1, timeout=60)
-    text = str(failure.value)
+    text = fails_then_the_next_job_runs(own_pool, "pool_jobs:kill_rank", 1, timeout=60)
     assert "rank 1 died" in text and "rank 1: killed by SIGKILL" in text and "rank 1 before the kill" in text
-    assert own_pool.run("pool_jobs:rank_and_sum", 2)[0] == [(0, 4), (1, 4)]
-    assert own_pool.starts == starts + 1
 
 
 @pytest.mark.parametrize(
@@ -67,12 +63,8 @@ def test_a_job_that_kills_a_rank_fails_its_own_test_and_the_next_job_runs(own_po
     ],
 )
 def test_a_job_that_leaves_state_behind_fails_and_the_pool_restarts(own_pool, job, leftover):
-    starts = own_pool.starts if own_pool.alive else own_pool.starts + 1
-    with pytest.raises(PoolJobError) as failure:
-        own_pool.run(f"pool_jobs:{job}")
-    assert "left state behind" in str(failure.value) and leftover in str(failure.value)
-    assert own_pool.run("pool_jobs:rank_and_sum", 1)[0] == [(0, 2), (1, 2)]
-    assert own_pool.starts == starts + 1
+    text = fails_then_the_next_job_runs(own_pool, f"pool_jobs:{job}")
+    assert "left state behind" in text and leftover in text
 
 
 LAYOUTS = [
