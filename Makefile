@@ -14,8 +14,12 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml tools/setup_venv.py
 	$(PYTHON) tools/setup_venv.py --venv $(VENV) --cpu-torch $(TORCH_CPU_VERSION)
 
+# Two test files at a time (pytest-xdist; a file's tests stay together, so its module-scoped runs are
+# made once): the multi-rank tests leave a core idle about a quarter of the time (rendezvous, a rank
+# waiting for another, one-rank jobs). TEST_WORKERS=0 runs them one after the other.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests
 
 # The unit tests only (no torchrun / multi-process runs): under two minutes.
 test-fast: install

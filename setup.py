@@ -17,9 +17,11 @@ EXTRAS = {
     "tensorboard": ["tensorboard"],  # --tensorboard-dir
     "wandb": ["wandb"],  # --wandb-project
 }
-# dev: the test tools plus every extra that runs on CPU (mpi4py: tests/test_launch.py's mpirun
-# launch, with Open MPI from .ci/run's apt-get). The gpu extra cannot be installed without CUDA.
-EXTRAS["dev"] = sorted({"pytest", "pytest-timeout", "ruff"} | {r for k in ("mpi", "data", "tensorboard", "wandb") for r in EXTRAS[k]})
+# dev: the test tools (pytest-xdist: make test runs two test files side by side) plus every extra
+# that runs on CPU (mpi4py: tests/test_launch.py's mpirun launch, with Open MPI from .ci/run's
+# apt-get). The gpu extra cannot be installed without CUDA.
+_TEST_TOOLS = {"pytest", "pytest-timeout", "pytest-xdist", "ruff"}
+EXTRAS["dev"] = sorted(_TEST_TOOLS | {r for k in ("mpi", "data", "tensorboard", "wandb") for r in EXTRAS[k]})
 
 setup(
     name="sampo-megatron",

@@ -6,4 +6,9 @@ Importing the package pulls in torch only; the loss and the log-prob op need not
     from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
 """
 
+from .compat import torch_compile as _torch_compile
+
 __version__ = "0.1.0"
+
+# Before anything here imports megatron-core: no import-time torch.compile wrappers on CPU (compat/torch_compile.py).
+_torch_compile.install()

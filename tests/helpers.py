@@ -124,12 +124,20 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True, launch=False):
-    """``launch/pretrain_sampo.py`` with :data:`BASE` and ``flags``, saving into ``<tmp>/<name>/ckpt``
-    (run as :func:`run_torchrun` decides: on the pool unless ``env`` or ``launch``)."""
+def train(tmp: Path, name: str, nproc: int, *flags: str, env=None, check=True, launch=False, save=False):
+    """``launch/pretrain_sampo.py`` with :data:`BASE` and ``flags``, its metrics in
+    ``<tmp>/<name>/metrics.jsonl`` (run as :func:`run_torchrun` decides: on the pool unless ``env``
+    or ``launch``).
+
+    Args:
+        save: ``--save <tmp>/<name>/ckpt``, for a test that reads the checkpoint, resumes, or needs
+            the directory (its lock, the reference cache or W&B files under it). Without it the run
+            writes no checkpoint (a save costs more than a step of these models).
+    """
     run_dir = tmp / name
     metrics = run_dir / "metrics.jsonl"
-    args = [*BASE, "--save", str(run_dir / "ckpt"), "--metrics-file", str(metrics), *flags]
+    # "--save ''": no checkpoint (BASE's config file names one in the repository)
+    args = [*BASE, "--save", str(run_dir / "ckpt") if save else "", "--metrics-file", str(metrics), *flags]
     out = run_torchrun(LAUNCH, nproc, *args, env=env, check=check, launch=launch)
     return (read_metrics(metrics) if metrics.exists() else []), out
 

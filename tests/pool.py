@@ -48,12 +48,6 @@ class RankError(str):
     """The traceback of a job's exception on one rank (``raise_errors=False``)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RankPool:
     """``world_size`` ranks in one gloo group, kept between jobs."""
 
@@ -67,6 +61,8 @@ class RankPool:
         self.world_size = world_size
         self.warm = warm
         self.procs: list[subprocess.Popen] = []
+        self.store = None
+        """The rendezvous store the ranks joined (they are its clients)."""
         self.conns: list[Connection] = []
         self.logs: list[io.TextIOWrapper] = []
         self.starts = 0
@@ -82,14 +78,20 @@ class RankPool:
 
     def start(self) -> None:
         self.stop()
-        port = _free_port()
+        # The rendezvous store lives here, as torchrun's agent hosts it for its workers: bound to a
+        # port the OS picks, so a pool started while other launches run (pytest-xdist's other
+        # worker) cannot lose its port to them between choosing and binding it.
+        from torch.distributed import TCPStore
+
+        self.store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        port = self.store.port
         path = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "tests" / "workers"),
                                 str(REPO_ROOT / "tools"), str(REPO_ROOT / "examples" / "length_bias")])  # fmt: skip
         for rank in range(self.world_size):
             ours, theirs = socket.socketpair()
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world_size),
                        LOCAL_WORLD_SIZE=str(self.world_size), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
             out, err = (tempfile.TemporaryFile("w+", errors="replace") for _ in range(2))
             proc = subprocess.Popen([sys.executable, str(WORKER), str(theirs.fileno()), "warm" if self.warm else "cold"], env=env, cwd=REPO_ROOT,
                                     stdout=out, stderr=err, pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
@@ -240,6 +242,7 @@ class RankPool:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._close_handles()
+        self.store = None
 
 
 _POOLS: dict[int, RankPool] = {}

@@ -30,7 +30,9 @@ def _warm_up(warm: bool) -> None:
     launch pays each time)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo")  # a client of the store the pool hosts (TORCHELASTIC_USE_AGENT_STORE)
+    # Jobs that start launches of their own: their ranks host their own store again.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE")
     if not warm:
         return
     import sampo_megatron.training.trainer  # noqa: F401  (megatron-core, the data stack, the losses)

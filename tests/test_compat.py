@@ -126,3 +126,49 @@ def test_expected_notices_are_dropped_and_nothing_else():
         drop = logging.LogRecord(notice.logger, logging.WARNING, __file__, 1, notice.message + " and more", None, None)
         assert logger.filter(keep) and not logger.filter(drop), notice
         assert len(logger.filters) == 1
+
+
+# ------------------------------------------------------------------- compat/torch_compile.py
+def test_the_jit_fuser_is_disabled_only_without_cuda():
+    import types
+
+    from sampo_megatron.compat import torch_compile
+
+    def fake_jit():
+        jit = types.SimpleNamespace(noop_decorator=lambda fn: fn, jit_fuser="torch.compile")
+        jit.disable_jit_fuser = lambda: setattr(jit, "jit_fuser", jit.noop_decorator)
+        return jit
+
+    on_gpu, on_cpu = fake_jit(), fake_jit()
+    assert torch_compile.disable_jit_fuser(on_gpu, cuda_available=True) is False and on_gpu.jit_fuser == "torch.compile"
+    assert torch_compile.disable_jit_fuser(on_cpu, cuda_available=False) is True and on_cpu.jit_fuser is on_cpu.noop_decorator
+    with pytest.raises(cpu.CompatError, match="has no \\['disable_jit_fuser'\\]"):
+        torch_compile.disable_jit_fuser(types.SimpleNamespace(noop_decorator=None), cuda_available=False)
+
+
+def test_the_router_loads_with_torch_compile_as_the_identity_and_torch_compile_comes_back():
+    import torch
+
+    from sampo_megatron.compat import torch_compile
+
+    real, seen = torch.compile, []
+
+    def load():
+        seen.append(torch.compile)
+        raise RuntimeError("the module failed to load")
+
+    compiles_at_import = release_line().name in torch_compile.ROUTER_SITES
+    with pytest.raises(RuntimeError, match="failed to load"):
+        torch_compile.load_router_uncompiled(load, "    @torch.compile\n    def f(x): ...", cuda_available=False)
+    assert torch.compile is real  # restored although loading failed
+    if compiles_at_import:  # 0.19
+        fn = lambda x: x  # noqa: E731
+        assert seen[0] is not real and seen[0](fn) is fn and seen[0](fullgraph=True)(fn) is fn
+        with pytest.raises(cpu.CompatError, match="no longer decorates with @torch.compile"):
+            torch_compile.load_router_uncompiled(lambda: None, "def f(x): ...", cuda_available=False)
+    else:  # 0.16 compiles nothing there: loaded as it is
+        assert seen == [real]
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        torch_compile.load_router_uncompiled(load, "    @torch.compile\n", cuda_available=True)
+    assert seen == [real]  # with CUDA: untouched

@@ -4,21 +4,37 @@ the same training; and the SLURM / MPI environment mapping (sampo_megatron/runti
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from sampo_megatron.runtime.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
+from sampo_megatron.runtime.launch_env import first_host, launch_env, launcher, slurm_env, slurm_port
 
 from helpers import REPO_ROOT, run_torchrun, torchrun_env
 
 pytestmark = pytest.mark.multiprocess  # torchrun / several processes (make test-fast leaves them out)
 
 LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
+
+
+def job_id_port() -> int:
+    """A free port the SLURM job-id rule can name (20000 + id mod 20000) and the kernel never hands
+    out as an ephemeral port (below 32768): nothing else started meanwhile (gloo's connections,
+    another pytest-xdist worker's runs) can take it before the rank binds it."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+
+
 FLAGS = ["--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"), "--train-iters", "2", "--log-interval", "1"]
 # Variables a launcher sets: none may leak from the test's own environment into the srun/MPI runs.
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -99,9 +115,7 @@ def test_srun_and_mpirun_train_like_torchrun(tmp_path):
     assert len(expected) == 2
 
     # srun --ntasks 2: each task gets only SLURM_* variables; the port derives from the job id
-    port = free_port()
-    while not 20000 <= port < 40000:  # a port the job-id rule can name (20000 + id mod 20000)
-        port = free_port()
+    port = job_id_port()
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
     ranks = [
         ([sys.executable, str(LAUNCH), *flags("srun")], clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
@@ -134,7 +148,8 @@ def test_srun_and_mpirun_train_like_torchrun(tmp_path):
 def test_generate_under_srun_and_mpirun_like_torchrun(tmp_path):
     """tools/generate.py sets up through the trainer's runtime (launcher variables included), so the
     srun-style and mpirun launches write the same JSONL as torchrun."""
-    run_torchrun(LAUNCH, 2, *FLAGS, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
+    run_torchrun(LAUNCH, 2, *FLAGS, "--train-iters", "1", "--save", str(tmp_path / "ckpt"),
+                 "--metrics-file", str(tmp_path / "metrics.jsonl"))  # fmt: skip
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in ("What is the opposite of fast?", "Hello", "Name a day."))
@@ -149,9 +164,7 @@ def test_generate_under_srun_and_mpirun_like_torchrun(tmp_path):
     expected = (tmp_path / "torchrun.jsonl").read_text()
     assert len(expected.splitlines()) == 3
 
-    port = free_port()
-    while not 20000 <= port < 40000:
-        port = free_port()
+    port = job_id_port()
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
     run_all([([sys.executable, str(generate), *args("srun")], clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
              for r in range(2)])  # fmt: skip
@@ -183,7 +196,7 @@ def test_sbatch_script_saves_at_the_time_limit_signal_and_requeues(tmp_path):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     save = tmp_path / "ckpt"
-    port = free_port()
+    port = job_id_port()
     env = clean_env(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", STUB_DIR=str(tmp_path), REPO=str(REPO_ROOT),
                     PYTHON=sys.executable, SLURM_JOB_ID=str(port - 20000), SLURM_NTASKS="1", SLURM_PROCID="0",
                     SLURM_LOCALID="0", SLURM_JOB_NODELIST="localhost")  # fmt: skip

@@ -46,7 +46,7 @@ TDPO_LAYOUTS = {
 @pytest.fixture(scope="module")
 def tdpo_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tdpo_reference")
-    train(tmp, "ref", 1, "--tensor-model-parallel-size", "1", "--train-iters", "2", "--save-interval", "2")
+    train(tmp, "ref", 1, "--tensor-model-parallel-size", "1", "--train-iters", "2", "--save-interval", "2", save=True)
     return tmp / "ref" / "ckpt"
 
 

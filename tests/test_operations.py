@@ -98,7 +98,7 @@ HANDLER = [*TP2, "--train-iters", str(STEPS), "--save-interval", "3", "--lr", "0
 def straight_run(tmp_path_factory):
     """An uninterrupted run: its metrics and its --save directory (checkpoints at 3, 6 and 8)."""
     tmp = tmp_path_factory.mktemp("straight")
-    metrics, _ = train(tmp, "straight", 2, *HANDLER)
+    metrics, _ = train(tmp, "straight", 2, *HANDLER, save=True)
     return metrics, tmp / "straight" / "ckpt"
 
 
@@ -137,7 +137,7 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, 
     if moment == "cache_build":  # the signal came before step 1: it ran, and the run stopped
         assert last == 1 and "reference cache: 32 steps in" in out
     if last < STEPS:
-        _, out = train(tmp_path, "run", 2, *flags)
+        _, out = train(tmp_path, "run", 2, *flags, save=True)
         assert f"at iteration {last}" in out
     everything = read_metrics(run.metrics)
     assert [m["iteration"] for m in everything] == list(range(1, STEPS + 1))  # each iteration once
@@ -147,12 +147,12 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, straight, 
 @pytest.mark.multiprocess
 def test_step_budget_exits_saves_and_keeps_the_last_checkpoints(tmp_path, straight):
     flags = [*HANDLER, "--exit-interval", "5", "--keep-last", "2"]
-    first, out = train(tmp_path, "run", 2, *flags)
+    first, out = train(tmp_path, "run", 2, *flags, save=True)
     assert [m["iteration"] for m in first] == [1, 2, 3, 4, 5]
     assert "exiting after iteration 5 of 8: --exit-interval 5 reached" in out and "ETA " in out and "elapsed " in out
     ckpt = tmp_path / "run" / "ckpt"
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000003", "iter_0000005"]
-    _, out = train(tmp_path, "run", 2, *flags)
+    _, out = train(tmp_path, "run", 2, *flags, save=True)
     assert "at iteration 5" in out and "deleted checkpoint" in out
     assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000006", "iter_0000008"]
     everything = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -194,7 +194,7 @@ def state_files(ckpt: Path) -> dict[str, str]:
 def test_async_save_writes_the_same_checkpoints_and_resumes_the_same(tmp_path, straight_run):
     straight, straight_ckpt = straight_run
     flags = [*HANDLER, "--async-save"]
-    first, out = train(tmp_path, "run", 2, *flags)  # saves 3 and 6 in the background, 8 awaited before exiting
+    first, out = train(tmp_path, "run", 2, *flags, save=True)  # saves 3 and 6 in the background, 8 awaited before exiting
     assert out.index(f"saved checkpoint {tmp_path / 'run' / 'ckpt' / 'iter_0000008'}") < out.index("checkpoints: ")
     ckpt = tmp_path / "run" / "ckpt"
     for name in ("iter_0000003", "iter_0000006", "iter_0000008"):
@@ -202,7 +202,7 @@ def test_async_save_writes_the_same_checkpoints_and_resumes_the_same(tmp_path, s
     assert_same_steps(first, straight, rel=0, keys=COMPARED + ("lr",))
     # resume from the checkpoint written in the background at 3, as after a crash at step 4-5
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3\n")
-    _, out = train(tmp_path, "run", 2, *flags)
+    _, out = train(tmp_path, "run", 2, *flags, save=True)
     assert "at iteration 3" in out
     assert_same_steps(read_metrics(tmp_path / "run" / "metrics.jsonl"), straight, rel=1e-6, keys=COMPARED + ("lr",))
 
@@ -219,7 +219,7 @@ def test_wandb_without_the_package_says_how_to_install_it(monkeypatch, tmp_path)
 def test_wandb_offline_history_holds_the_metrics_file_values(tmp_path):
     env = torchrun_env(WANDB_MODE="offline", WANDB_SILENT="true")
     metrics, _ = train(tmp_path, "run", 1, "--tensor-model-parallel-size", "1", "--wandb-project", "sampo-test",
-                       "--wandb-exp-name", "tiny", env=env)  # fmt: skip
+                       "--wandb-exp-name", "tiny", env=env, save=True)  # fmt: skip
     # --wandb-save-dir defaults to <--save>/wandb (Megatron-LM), where W&B makes its own wandb/
     runs = list((tmp_path / "run" / "ckpt" / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs

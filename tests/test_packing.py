@@ -138,8 +138,9 @@ OBJECTIVES = {
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_packed_training_equals_unpacked(tmp_path, objective):
-    plain, _ = train(tmp_path, "plain", 1, *TP1, *OBJECTIVES[objective], "--no-pack-sequences")
-    packed, out = train(tmp_path, "packed", 1, *TP1, *OBJECTIVES[objective], "--pack-sequences")
+    cached = "cache" in OBJECTIVES[objective]  # the reference cache is written under --save
+    plain, _ = train(tmp_path, "plain", 1, *TP1, *OBJECTIVES[objective], "--no-pack-sequences", save=cached)
+    packed, out = train(tmp_path, "packed", 1, *TP1, *OBJECTIVES[objective], "--pack-sequences", save=cached)
     assert len(packed) == 4
     assert_packed_matches(packed, plain)
     assert all(p["padding_fraction"] < u["padding_fraction"] for p, u in zip(packed, plain))
@@ -209,7 +210,7 @@ def test_packed_run_killed_resumes_exactly(tmp_path):
     at = run.marker()
     assert 2 <= at < 12
     stop = ["--exit-interval", str(at + 2)]  # the resumed and the straight run stop two steps past the checkpoint
-    resumed, out = train(tmp_path, "killed", 2, *flags, *stop)
+    resumed, out = train(tmp_path, "killed", 2, *flags, *stop, save=True)
     assert f"at iteration {at}" in out
     straight, _ = train(tmp_path, "straight", 2, *flags, *stop)
     assert [m["iteration"] for m in straight] == list(range(1, at + 3))

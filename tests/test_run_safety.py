@@ -51,7 +51,9 @@ def marker(run: Path) -> str:
 
 def test_nonfinite_loss_stops_the_run_before_any_save(tmp_path):
     # lr 1e30: step 1 is finite, its update ruins the weights, step 2's loss and gradients are NaN.
-    _, proc = train(tmp_path, "nan", 2, *TP2, "--lr", "1e30", "--train-iters", "4", "--save-interval", "1", check=False)
+    _, proc = train(
+        tmp_path, "nan", 2, *TP2, "--lr", "1e30", "--train-iters", "4", "--save-interval", "1", check=False, save=True
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "error: iteration 2: the loss and the gradient norm are not finite" in out
@@ -75,13 +77,13 @@ def test_skip_nonfinite_steps_skips_and_counts(tmp_path):
 
 
 def test_resume_refuses_changes_to_the_run(tmp_path):
-    _, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "3")
+    _, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "3", save=True)
     assert "resolved configuration:" in out
     saved = json.loads((tmp_path / "run" / "ckpt" / "iter_0000003" / "run_config.json").read_text())
     assert saved["config"]["loss"]["length_debias"] == "sampo" and saved["derived"]["num_pairs"] == 256
 
     def resume(*flags):
-        return train(tmp_path, "run", 2, *TP2, *flags, check=False)[1]
+        return train(tmp_path, "run", 2, *TP2, *flags, check=False, save=True)[1]
 
     proc = resume("--train-iters", "3", "--lr", "0.01")
     assert proc.returncode != 0 and "schedule: --lr: 0.05 in the checkpoint, 0.01 now" in proc.stderr
@@ -95,7 +97,9 @@ def test_resume_refuses_changes_to_the_run(tmp_path):
     assert proc.returncode != 0 and "data: num_pairs: 256 in the checkpoint, 64 now" in proc.stderr
 
     # The override: the new schedule takes effect, exactly as a fresh run with these flags has it.
-    resumed, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "5", "--override-opt-param-scheduler", "--log-interval", "2")
+    resumed, out = train(
+        tmp_path, "run", 2, *TP2, "--train-iters", "5", "--override-opt-param-scheduler", "--log-interval", "2", save=True
+    )
     assert "schedule (--override-opt-param-scheduler): --train-iters: 3 in the checkpoint, 5 now" in out
     assert "applied: --log-interval: 1 in the checkpoint, 2 now" in out
     fresh, _ = train(tmp_path, "fresh", 2, *TP2, "--train-iters", "5")
@@ -103,14 +107,15 @@ def test_resume_refuses_changes_to_the_run(tmp_path):
     assert resumed[-2]["lr"] != pytest.approx(0.0)
 
 
-def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
-    straight, _ = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--save-interval", "3")
+def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path, tp2_six_steps):
+    straight, run_dir = tp2_six_steps
+    shutil.copytree(run_dir, tmp_path / "run")  # the same flags below: its checkpoints and metrics file
     shard = tmp_path / "run" / "ckpt" / "iter_0000006" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[2000:2064] = bytes(b ^ 0xFF for b in data[2000:2064])  # 64 flipped bytes inside a tensor
     shard.write_bytes(data)
 
-    metrics, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--save-interval", "3")
+    metrics, out = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--save-interval", "3", save=True)
     assert f"{shard}: its SHA-256 differs from the manifest's" in out
     assert "falling back to" in out and "iter_0000003 at iteration 3" in out
     # the metrics file keeps each iteration once: the lines past the fallback's iteration are redone
@@ -119,7 +124,7 @@ def test_damaged_checkpoint_falls_back_and_continues_exactly(tmp_path):
     assert_same_steps(metrics[-3:], straight[3:], rel=1e-6, keys=COMPARED + ("lr",))
 
     (tmp_path / "run" / "ckpt" / "iter_0000006" / ".metadata").write_bytes(b"")
-    _, proc = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--no-checkpoint-fallback", check=False)
+    _, proc = train(tmp_path, "run", 2, *TP2, "--train-iters", "6", "--no-checkpoint-fallback", check=False, save=True)
     assert proc.returncode != 0 and "iter_0000006/.metadata: 0 bytes" in proc.stderr
 
 
@@ -131,7 +136,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
     try:
         run.wait_for(lambda: (run.ckpt / "latest_checkpointed_iteration.txt").exists())
         # A second run on the same --save directory stops at once, naming the holder.
-        _, second = train(tmp_path, "killed", 2, *flags, check=False)
+        _, second = train(tmp_path, "killed", 2, *flags, check=False, save=True)
         assert second.returncode != 0 and "is in use by another run: host" in second.stderr
         assert run.launcher.poll() is None, "the first run should still be training"
     finally:
@@ -144,7 +149,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
     assert 3 <= at < 40
 
     stop = ["--exit-interval", str(at + 2)]  # two steps past the checkpoint
-    resumed, out = train(tmp_path, "killed", 2, *flags, *stop)
+    resumed, out = train(tmp_path, "killed", 2, *flags, *stop, save=True)
     assert "took over the lock of a run that is gone" in out and f"at iteration {at}" in out
     straight, _ = train(tmp_path, "straight", 2, *flags, *stop)
     assert [m["iteration"] for m in straight] == list(range(1, at + 3))
@@ -152,7 +157,7 @@ def test_killed_launcher_takes_its_ranks_along_and_the_run_resumes_exactly(tmp_p
 
 
 def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):
-    train(tmp_path, "run", 2, *TP2, "--train-iters", "1")
+    train(tmp_path, "run", 2, *TP2, "--train-iters", "1", save=True)
     evil = tmp_path / "evil"
     shutil.copytree(tmp_path / "run" / "ckpt" / "iter_0000001", evil)
     proof = tmp_path / "PROOF"
@@ -170,7 +175,7 @@ def test_checkpoint_pickles_that_would_run_code_are_refused(tmp_path):
 def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     tokenizer = tmp_path / "tok"
     shutil.copytree(REPO_ROOT / "examples" / "data" / "tiny_tokenizer", tokenizer)
-    train(tmp_path, "run", 2, *TP2, "--train-iters", "1", "--tokenizer-model", str(tokenizer))
+    train(tmp_path, "run", 2, *TP2, "--train-iters", "1", "--tokenizer-model", str(tokenizer), save=True)
     ckpt = tmp_path / "run" / "ckpt" / "iter_0000001"
     assert json.loads((ckpt / "sampo_model.json").read_text())["tokenizer"] == "tokenizer"
     assert (ckpt / "tokenizer" / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()

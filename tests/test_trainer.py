@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -52,13 +53,14 @@ def test_parallel_layouts_reproduce_single_process(tmp_path, baseline, layout):
 def test_reference_replica_is_frozen_and_unchanged(tmp_path):
     result = tmp_path / "result.json"
     flags = [*BASE, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2", "--train-iters", "4"]
-    run_torchrun("trainer_worker.py", 2, "--out", str(result), *flags, "--save", str(tmp_path / "ckpt"))
+    run_torchrun("trainer_worker.py", 2, "--out", str(result), *flags, "--save", str(tmp_path / "ckpt"),
+                 "--metrics-file", str(tmp_path / "metrics.jsonl"))  # fmt: skip
     checks = json.loads(result.read_text())
     assert checks == {key: True for key in checks} and len(checks) == 6, checks
 
 
 def test_reference_cache_matches_replica(tmp_path, baseline):
-    metrics, _ = train(tmp_path, "cache", 1, "--tensor-model-parallel-size", "1", "--ref-mode", "cache")
+    metrics, _ = train(tmp_path, "cache", 1, "--tensor-model-parallel-size", "1", "--ref-mode", "cache", save=True)
     assert_same_steps(metrics, baseline, rel=1e-6)
     assert (tmp_path / "cache" / "ckpt" / "ref_cache" / "ref_logps_v0.json").exists()
 
@@ -68,7 +70,7 @@ def test_iterative_reference_update_restarts_rewards_each_epoch(tmp_path, ref_mo
     data = small_dataset(tmp_path, 16)  # 2 steps per epoch at global batch 8
     metrics, out = train(
         tmp_path, ref_mode, 2, "--tensor-model-parallel-size", "2", "--data-path", str(data),
-        "--ref-update", "epoch", "--ref-mode", ref_mode, "--train-iters", "6",
+        "--ref-update", "epoch", "--ref-mode", ref_mode, "--train-iters", "6", save=True,
     )  # fmt: skip
     assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]
     # At an epoch's start the reference is the policy: rewards 0 up to rounding. (The replica's
@@ -92,14 +94,17 @@ def test_iterative_reference_update_restarts_rewards_each_epoch(tmp_path, ref_mo
     ],
     ids=["tp2", "dp2_distributed_optimizer"],
 )
-def test_resume_after_sigkill_continues_exactly(tmp_path, layout):
+def test_resume_after_sigkill_continues_exactly(tmp_path, request, layout):
     flags = [*layout, "--train-iters", "6"]
-    straight, _ = train(tmp_path, "straight", 2, *flags)
+    if layout == ["--tensor-model-parallel-size", "2"]:  # the shared run (its checkpoint at 3 changes no number)
+        straight = request.getfixturevalue("tp2_six_steps")[0]
+    else:
+        straight, _ = train(tmp_path, "straight", 2, *flags)
 
     # Save at 3; at 6 the process writes the checkpoint and is SIGKILLed before the marker.
     interrupted, out = train(
         tmp_path, "resumed", 2, *flags, "--save-interval", "3",
-        env=torchrun_env(SAMPO_TEST_KILL_BEFORE_MARKER="6"), check=False,
+        env=torchrun_env(SAMPO_TEST_KILL_BEFORE_MARKER="6"), check=False, save=True,
     )  # fmt: skip
     assert out.returncode != 0 and "SIGKILL" in out.stderr + out.stdout
     ckpt = tmp_path / "resumed" / "ckpt"
@@ -109,16 +114,17 @@ def test_resume_after_sigkill_continues_exactly(tmp_path, layout):
         if f.is_file():
             f.write_bytes(b"torn")
 
-    resumed, out = train(tmp_path, "resumed", 2, *flags, "--save-interval", "3")
+    resumed, out = train(tmp_path, "resumed", 2, *flags, "--save-interval", "3", save=True)
     assert "resumed from" in out and "iter_0000003 at iteration 3" in out
     steps = [m for m in resumed if m["iteration"] > 3][-3:]
     assert [m["iteration"] for m in steps] == [4, 5, 6]
     assert_same_steps(steps, straight[3:], rel=1e-6, keys=COMPARED + ("lr",))
 
 
-def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path):
-    straight, _ = train(tmp_path, "tp2", 2, "--tensor-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "3")
+def test_checkpoint_reshards_from_tp2_to_pp2(tmp_path, tp2_six_steps):
+    straight, run_dir = tp2_six_steps
     source = tmp_path / "tp2" / "ckpt"
+    shutil.copytree(run_dir / "ckpt", source)
     (source / "latest_checkpointed_iteration.txt").write_text("3\n")  # continue from step 3
     continued, out = train(
         tmp_path, "pp2", 2, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
@@ -133,15 +139,15 @@ def test_distributed_optimizer_checkpoint_resumes_with_the_regular_optimizer(tmp
     and continues as the uninterrupted run (moments and Adam's step carried over). The other way
     round is refused with a clear error instead of megatron-core's KeyError."""
     dp2 = ["--tensor-model-parallel-size", "1", "--train-iters", "6"]
-    straight, _ = train(tmp_path, "distopt", 2, *dp2, "--use-distributed-optimizer", "--save-interval", "3")
+    straight, _ = train(tmp_path, "distopt", 2, *dp2, "--use-distributed-optimizer", "--save-interval", "3", save=True)
     source = tmp_path / "distopt" / "ckpt"
     (source / "latest_checkpointed_iteration.txt").write_text("3\n")
-    continued, out = train(tmp_path, "regular", 2, *dp2, "--load", str(source), "--save-interval", "5")
+    continued, out = train(tmp_path, "regular", 2, *dp2, "--load", str(source), "--save-interval", "5", save=True)
     assert "at iteration 3" in out
     assert_same_steps(continued, straight[3:], rel=1e-5)
 
     regular = tmp_path / "regular" / "ckpt"
-    _, proc = train(tmp_path, "back", 2, *dp2, "--use-distributed-optimizer", "--load", str(regular), check=False)
+    _, proc = train(tmp_path, "back", 2, *dp2, "--use-distributed-optimizer", "--load", str(regular), check=False, save=True)
     assert proc.returncode != 0
     assert "saved without --use-distributed-optimizer" in proc.stdout + proc.stderr
 
@@ -157,7 +163,7 @@ BF16_MARGIN_ABS = 2e-2
 
 
 def test_bf16_trains_within_bf16_rounding_of_fp32(tmp_path, baseline):
-    metrics, out = train(tmp_path, "bf16", 2, "--tensor-model-parallel-size", "2", "--bf16")
+    metrics, out = train(tmp_path, "bf16", 2, "--tensor-model-parallel-size", "2", "--bf16", save=True)
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     # policy and reference are the same bf16 model at step 1
     assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-7)

@@ -9,14 +9,31 @@
 - :mod:`.notices`: log notices every run would print that no user can act on, filtered by release line.
 - :mod:`.indexed_dataset`: releasing the index files megatron-core's index cache keeps mapped (both lines).
 - :mod:`.output_layer`: what the response-logits hook relies on in the output layer (both lines).
+- :mod:`.torch_compile`: megatron-core's import-time ``torch.compile`` wrappers not created without
+  CUDA (both lines; the router's in 0.19): an import hook, installed when ``sampo_megatron`` is imported.
 
 Each workaround asserts that what it patches exists in the installed release, so a release that
 moves a site fails loudly instead of the patch becoming a silent no-op. Nothing here imports
-megatron-core at import time.
+megatron-core at import time, and importing the package imports nothing else either (the names below
+are loaded on first use): ``sampo_megatron`` installs :mod:`.torch_compile`'s hook before torch is loaded.
 """
 
-from .cpu import CompatError, apply_cpu_compat, model_parallel_manual_seed
-from .version import ALLOW_UNTESTED_ENV, RELEASE_LINES, UnsupportedMegatronError, release_line
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ALLOW_UNTESTED_ENV": "version", "RELEASE_LINES": "version", "UnsupportedMegatronError": "version",
+    "release_line": "version", "CompatError": "cpu", "apply_cpu_compat": "cpu", "model_parallel_manual_seed": "cpu",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",

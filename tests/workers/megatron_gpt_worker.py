@@ -282,6 +282,13 @@ def check_compat_is_targeted() -> None:
     import megatron.core.pipeline_parallel.schedules as schedules
 
     assert schedules.torch is not torch and schedules.torch.zeros([]).device.type == "cpu"
+    # compat/torch_compile.py: importing megatron-core created no torch.compile wrapper (the first
+    # one imports TorchDynamo), and torch.compile is torch's own again
+    import megatron.core.jit as jit
+    import megatron.core.transformer.moe.router  # noqa: F401 (0.19 compiles a routing function here)
+
+    assert jit.jit_fuser is jit.noop_decorator and "torch._dynamo" not in sys.modules
+    assert torch.compile.__module__ == "torch" and torch.compile.__name__ == "compile"
 
 
 def main() -> None:
