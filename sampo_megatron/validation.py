@@ -33,8 +33,8 @@ def _at_least(value, minimum, flag: str) -> list[str]:
 def split_rule_problems(model: ModelConfig, tp: int, pp: int, vpp_layers: int | None) -> list[str]:
     """Whether megatron-core can split ``model`` over TP ``tp``, PP ``pp`` and virtual stages of
     ``vpp_layers`` layers (planning/layout.py's rules, plus the virtual-stage flag)."""
-    from .models.gpt import ffn_hidden_size
     from .planning.layout import split_problems
+    from .planning.shapes import ffn_hidden_size
 
     if tp < 1 or pp < 1:
         return ["--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"]

@@ -69,7 +69,7 @@ def test_fp8_unavailable_reasons():
 @pytest.mark.multiprocess
 def test_trainer_refuses_fp8_on_cpu_with_a_clear_error():
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "pretrain_sampo.py"), "--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"),
-           "--bf16", "--fp8-format", "hybrid", "--train-iters", "1", "--save", ""]  # fmt: skip
+           "--bf16", "--fp8-format", "hybrid", "--train-iters", "1", "--save", "", "--metrics-file", ""]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--fp8-format hybrid needs a CUDA GPU" in proc.stderr

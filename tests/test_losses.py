@@ -286,3 +286,24 @@ def test_length_debias_combination_errors():
         LossConfig(length_debias="ld_dpo", ld_alpha=1.5)
     with pytest.raises(ValueError, match="orpo_lambda"):
         LossConfig(loss_type="orpo", orpo_lambda=-1)
+
+
+def test_loss_config_reports_every_problem_together():
+    from sampo_megatron.config import ConfigFileError, parse_config
+    from sampo_megatron.losses.config import LossConfigError
+
+    with pytest.raises(LossConfigError) as err:
+        LossConfig(beta=0.0, label_smoothing=0.7, length_debias="ld_dpo", orpo_lambda=-1.0)
+    assert err.value.problems == [
+        "beta must be > 0, got 0.0",
+        "label_smoothing must be in [0, 0.5), got 0.7",
+        "--length-debias ld_dpo needs --ld-alpha (the weight in [0, 1] of the tokens past the public prefix)",
+        "orpo_lambda must be >= 0, got -1.0",
+    ]
+    with pytest.raises(ConfigFileError) as err:  # the flags: one line each, as the other rules are listed
+        parse_config(["--beta", "0", "--length-debias", "ld_dpo"])
+    assert str(err.value).splitlines() == [
+        "invalid configuration:",
+        "  - beta must be > 0, got 0.0",
+        "  - --length-debias ld_dpo needs --ld-alpha (the weight in [0, 1] of the tokens past the public prefix)",
+    ]

@@ -44,7 +44,7 @@ def test_first_step_policy_equals_reference(baseline):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_layouts_reproduce_single_process(tmp_path, baseline, layout):
     nproc, flags = LAYOUTS[layout]
-    metrics, out = train(tmp_path, layout, nproc, *flags)
+    metrics, out = train(tmp_path, layout, nproc, *flags, save=True)
     assert len(metrics) == 3
     assert_same_steps(metrics, baseline, rel=1e-5)
     assert "saved checkpoint" in out  # the final checkpoint (distributed optimizer: fully_reshardable)

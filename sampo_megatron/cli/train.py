@@ -49,7 +49,7 @@ def exit_with(err: BaseException, status: int = 1) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .signals import record_early
+    from ..training.early_signals import record_early
 
     record_early()  # until the trainer knows whether --exit-signal-handler is on (training/exit.py)
     from ..training.run_lock import die_with_launcher
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv)
     finally:
         # Not taken over by a trainer (an error before it, --dry-run): the handlers go back, and
-        # a signal recorded meanwhile is delivered as it would have been (cli/signals.py).
+        # a signal recorded meanwhile is delivered as it would have been (training/early_signals.py).
         import signal
 
-        from .signals import release_early
+        from ..training.early_signals import release_early
 
         for sig in release_early():
             signal.raise_signal(sig)

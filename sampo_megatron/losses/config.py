@@ -46,22 +46,36 @@ class LossConfig:
     """Seed of the down-sampling draws."""
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise LossConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """Every reason these settings are invalid, one line each (all of them, not the first)."""
+        p = []
         if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            p.append(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            p.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sampo_mask not in ("shared", "independent"):
-            raise ValueError(f"sampo_mask must be 'shared' or 'independent', got {self.sampo_mask!r}")
+            p.append(f"sampo_mask must be 'shared' or 'independent', got {self.sampo_mask!r}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+            p.append(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.length_debias == "ld_dpo" and self.ld_alpha is None:
-            raise ValueError(
-                "--length-debias ld_dpo needs --ld-alpha (the weight in [0, 1] of the tokens past the public prefix)"
-            )
+            p.append("--length-debias ld_dpo needs --ld-alpha (the weight in [0, 1] of the tokens past the public prefix)")
         if self.ld_alpha is not None and self.length_debias != "ld_dpo":
-            raise ValueError(f"--ld-alpha is the weight of the ld_dpo transform; it does not combine with --length-debias "
-                             f"{self.length_debias} (each transform sets the per-token weights): pass --length-debias ld_dpo")  # fmt: skip
+            p.append(f"--ld-alpha is the weight of the ld_dpo transform; it does not combine with --length-debias "
+                     f"{self.length_debias} (each transform sets the per-token weights): pass --length-debias ld_dpo")  # fmt: skip
         if self.orpo_lambda < 0:
-            raise ValueError(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
+            p.append(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
         if self.sft_weight < 0:
-            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+            p.append(f"sft_weight must be >= 0, got {self.sft_weight}")
+        return p
+
+
+class LossConfigError(ValueError):
+    """Invalid :class:`LossConfig` settings; ``problems`` lists each (the message joins them)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems

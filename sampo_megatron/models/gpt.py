@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
-from ..planning.shapes import padded_vocab_size  # noqa: F401  (the rule; models import it from here)
+from ..planning.shapes import ffn_hidden_size, padded_vocab_size  # noqa: F401  (the rules; models import them from here)
 from .attention import SDPACoreAttention
 
 
@@ -54,15 +53,6 @@ def activation_func(model: ModelConfig):
     if model.activation == "gelu_tanh":
         return gelu_tanh
     raise ValueError(f"unknown --activation {model.activation!r}: expected gelu or gelu_tanh")
-
-
-def ffn_hidden_size(model: ModelConfig) -> int:
-    if model.ffn_hidden_size is not None:
-        return model.ffn_hidden_size
-    if not model.swiglu:
-        return 4 * model.hidden_size
-    # Llama: 2/3 of 4h, rounded up to a multiple of 256 (its multiple_of).
-    return int(256 * math.ceil(int(8 * model.hidden_size / 3) / 256))
 
 
 def params_dtype(training: TrainingConfig) -> torch.dtype:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .shapes import ModelShape, padded_vocab_size
+from .shapes import ModelShape, ffn_hidden_size, padded_vocab_size
 
 PRESETS: dict[str, ModelShape] = {
     # EleutherAI/pythia-2.8b: GPT-NeoX, parallel residual, rotary_pct 0.25, untied, biases.
@@ -81,8 +81,6 @@ def load_shape(model: str) -> ModelShape:
 
 def shape_from_model_config(model, vocab_size: int) -> ModelShape:
     """A :class:`ModelShape` from the trainer's ``ModelConfig`` and its vocabulary."""
-    from ..models.gpt import ffn_hidden_size
-
     return ModelShape(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -13,6 +13,17 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def ffn_hidden_size(model) -> int:
+    """The MLP width of ``model`` (a ``ModelConfig``): ``--ffn-hidden-size`` when given, else 4h, or
+    for SwiGLU Llama's 2/3 of 4h rounded up to a multiple of 256 (its ``multiple_of``); the one
+    statement of the rule (models, converter, validation and planner)."""
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if not model.swiglu:
+        return 4 * model.hidden_size
+    return int(256 * math.ceil(int(8 * model.hidden_size / 3) / 256))
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """A decoder-only transformer, as far as memory is concerned."""

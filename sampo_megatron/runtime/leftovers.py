@@ -8,7 +8,7 @@ what differs after it was closed:
   tensor-parallel RNG tracker's states, the micro-batch calculator (runtime/distributed.py
   resets them);
 - process groups of torch.distributed beyond those of the snapshot;
-- signal handlers (SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP: training/exit.py, cli/signals.py);
+- signal handlers (SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP: training/exit.py, training/early_signals.py);
 - files open on regular files, threads (the run lock's heartbeat, TensorBoard's writer, the data
   pool) and child processes (checkpoint writers, ``--async-save``'s worker) that were not there;
 - the CPU layer of compat/ unapplied, or applied twice over (it must stay applied once).

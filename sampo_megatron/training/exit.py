@@ -20,8 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..cli.signals import SIGNALS, release_early
 from ..config import TrainingConfig
+from .early_signals import SIGNALS, release_early
 
 
 class ExitConditions:
@@ -37,7 +37,7 @@ class ExitConditions:
         self.training = training
         self.device = device or torch.device("cpu")
         self.start = time.monotonic() if start is None else start
-        early = release_early()  # signals recorded during start-up (cli/signals.py)
+        early = release_early()  # signals recorded during start-up (training/early_signals.py)
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
         if training.exit_signal_handler:
