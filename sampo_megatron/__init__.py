@@ -1,6 +1,7 @@
 """sampo-megatron: SamPO (length-debiased DPO) preference training on megatron-core.
 
-Importing the package pulls in torch only; the loss and the log-prob op need nothing else:
+Importing the package imports neither torch nor megatron-core (its modules import what they need); the
+loss and the log-prob op need torch only:
 
     from sampo_megatron.ops import vocab_parallel_logprobs
     from sampo_megatron.losses import LossConfig, PreferenceInputs, preference_loss
