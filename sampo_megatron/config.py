@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .losses.config import LossConfig, LossConfigError
+from .losses.config import LossConfig
 
 
 @dataclass
@@ -498,9 +498,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             sections[section][name] = sections[src_section][src_name]
     try:  # a section's own checks (LossConfig's ranges and combinations)
         built = {section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()}
-    except LossConfigError as err:  # one problem: one line; several: one line each, as validation.py lists them
-        listed = f" {err.problems[0]}" if len(err.problems) == 1 else "".join(f"\n  - {x}" for x in err.problems)
+    except ValueError as err:  # one problem: one line; several (LossConfigError): one line each, as validation.py lists them
+        problems = getattr(err, "problems", [str(err)])
+        listed = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  - {x}" for x in problems)
         raise ConfigFileError(f"invalid configuration:{listed}") from None
-    except ValueError as err:
-        raise ConfigFileError(f"invalid configuration: {err}") from None
     return RunConfig(**built, explicit_flags=frozenset(values))

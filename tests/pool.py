@@ -228,6 +228,7 @@ class RankPool:
         for log in self.logs:
             log.close()
         self.procs, self.conns, self.logs = [], [], []
+        self.store = None  # the ranks are gone (stopped or killed): their store goes too
 
     def stop(self) -> None:
         """Ask the ranks to leave; kill what does not within 10 s."""
@@ -242,7 +243,6 @@ class RankPool:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._close_handles()
-        self.store = None
 
 
 _POOLS: dict[int, RankPool] = {}

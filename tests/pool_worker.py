@@ -3,7 +3,8 @@ stop. A job is an importable function and its arguments; every rank runs it and 
 result or its traceback, then whether the job left state behind (runtime/leftovers.py).
 
 Usage (by tests/pool.py only): python tests/pool_worker.py FD warm|cold — FD is this rank's end of
-a socket pair to the test process, cold skips importing the trainer's stack; RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment.
+a socket pair to the test process, cold skips importing the trainer's stack; RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT come from the environment.
 """
 
 from __future__ import annotations
