@@ -4,7 +4,6 @@ the same training; and the SLURM / MPI environment mapping (sampo_megatron/runti
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from sampo_megatron.runtime.launch_env import first_host, launch_env, launcher, slurm_env, slurm_port
+from sampo_megatron.runtime.launch_env import first_host, free_port, launch_env, launcher, slurm_env, slurm_port
 
 from helpers import REPO_ROOT, run_torchrun, torchrun_env
 
@@ -24,15 +23,12 @@ LAUNCH = REPO_ROOT / "launch" / "pretrain_sampo.py"
 
 
 def job_id_port() -> int:
-    """A free port the SLURM job-id rule can name (20000 + id mod 20000) and the kernel never hands
-    out as an ephemeral port (below 32768): nothing else started meanwhile (gloo's connections,
-    another pytest-xdist worker's runs) can take it before the rank binds it."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32768)
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port))
-            return port
+    """A free port the SLURM job-id rule can name (20000 + id mod 20000): free_port's choice lies
+    below the kernel's ephemeral range, so nothing started meanwhile (gloo's connections, another
+    pytest-xdist worker's runs) takes it before the rank binds it."""
+    port = free_port()
+    assert 20000 <= port < 40000, port
+    return port
 
 
 FLAGS = ["--config", str(REPO_ROOT / "examples" / "tiny_cpu.yaml"), "--train-iters", "2", "--log-interval", "1"]
@@ -67,6 +63,15 @@ def test_slurm_variables_map_to_torch_rendezvous():
     # a user's MASTER_ADDR / MASTER_PORT win over the derived ones
     assert slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"})["MASTER_ADDR"] == "10.0.0.1"
     assert launcher({"OMPI_COMM_WORLD_RANK": "0"}) == "mpi" and launcher({}) == "single"
+    # One process without a launcher: its store binds a port the kernel picks (port 0), unless given.
+    assert launch_env({}) == ("single", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})  # fmt: skip
+    assert launch_env({"MASTER_PORT": "6000"})[1]["MASTER_PORT"] == "6000"
+    # mpirun's rank 0 names a port for the others: one below the kernel's ephemeral range, bindable now.
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    port = free_port()
+    assert 20000 <= port < low
+    with socket.socket() as s:
+        s.bind(("", port))
 
 
 def clean_env(**extra) -> dict:

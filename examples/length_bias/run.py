@@ -37,7 +37,6 @@ REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 # This script's directory is on the path when it runs (python examples/length_bias/run.py); the
 # report reads metrics files with tools/plot_metrics.py.
 sys.path.insert(0, os.path.join(REPO, "tools"))
-from sampo_megatron.runtime.launch_env import free_port  # noqa: E402
 
 from assets import write_assets  # noqa: E402
 from report import write_report  # noqa: E402
@@ -111,8 +110,10 @@ def train(name: str, run_dir: str, iters: int, flags: list[str], log, save: bool
     subprocess.run(["rm", "-rf", run_dir], check=True)
     os.makedirs(run_dir)
     # One thread per run: the runs of this tiny model go side by side, one per core (--jobs).
+    # MASTER_PORT 0: the one rank's store binds a port the kernel picks (a port chosen here could
+    # be taken by another process before the rank binds it).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}  # fmt: skip
     start = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "w") as out:
         out.write(" ".join(cmd) + "\n")

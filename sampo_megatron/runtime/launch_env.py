@@ -18,6 +18,7 @@ unset: ``RANK`` set (by torchrun or by hand) means nothing is mapped, and a ``MA
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from typing import Mapping
@@ -96,10 +97,30 @@ def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on right now, from 20000 up to the kernel's ephemeral range.
+
+    The port is chosen here and bound later by another process; a port the kernel hands out for
+    ``bind(port 0)`` or an outgoing connection (gloo's, another job's) could be taken in between,
+    so the choice stays below that range (``/proc/sys/net/ipv4/ip_local_port_range``).
+    """
+    low = _PORT_BASE
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        high = 32768  # Linux's default start of the ephemeral range
+    if high <= low:
+        high = low + _PORT_SPAN
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{high - 1}; set MASTER_PORT")
 
 
 def mpi_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -136,7 +157,9 @@ def single_env(environ: Mapping[str, str]) -> dict[str, str]:
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
         "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
-        "MASTER_PORT": environ.get("MASTER_PORT") or str(free_port()),
+        # Port 0: the one process's store binds a port the kernel picks, so no other process can
+        # take it between a choice made here and the bind.
+        "MASTER_PORT": environ.get("MASTER_PORT") or "0",
     }
 
 
