@@ -57,6 +57,7 @@ setup(
             "sampo-plan = sampo_megatron.cli.plan:main",
             "sampo-length-report = sampo_megatron.cli.length_report:main",
             "sampo-precompute-reference = sampo_megatron.cli.precompute_reference:main",
+            "sampo-plot-metrics = sampo_megatron.cli.plot_metrics:main",
         ]
     },
 )

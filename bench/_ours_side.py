@@ -76,6 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     single_process_env()
     from sampo_megatron.config import parse_config
+    from sampo_megatron.plan import resolve
     from sampo_megatron.training.trainer import Trainer
 
     work_dir = Path(args.work_dir)
@@ -83,7 +84,7 @@ def main() -> None:
     work = json.loads((work_dir / "workload.json").read_text())
     shutil.rmtree(work_dir / "ours_ref_cache", ignore_errors=True)  # computed in the run (first step)
     cfg = parse_config(trainer_flags(paths, work, args.ref_mode, args.steps, args.micro_batch, args.global_batch) + args.extra)
-    trainer = Trainer(cfg)
+    trainer = Trainer(resolve(cfg))
     checksum = weights_checksum(trainer.chunks)
     token_ids = {str(p.sample_id): [p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in trainer.feed.batches.dataset.pairs}
     order = [[p.sample_id for p in trainer.feed.batches.batch_at(s)[1]] for s in range(args.steps)]
@@ -94,7 +95,7 @@ def main() -> None:
         step_ends.append(time.perf_counter() - start)
         keys = ("loss", "logps/chosen", "logps/rejected", "lr", "grad_norm", "step_time_s", "padding_fraction", "pack/sequences_per_row")
         steps.append({k: metrics[k] for k in keys})
-    tr = cfg.training
+    opt = cfg.optimizer
     result = {
         "side": "sampo-megatron",
         "ref_mode": args.ref_mode,
@@ -109,13 +110,13 @@ def main() -> None:
         "weights": checksum,
         "optimizer": {
             "name": "adamw",
-            "lr": tr.lr,
-            "betas": [tr.adam_beta1, tr.adam_beta2],
-            "eps": tr.adam_eps,
-            "weight_decay": tr.weight_decay,
-            "schedule": tr.lr_decay_style,
-            "warmup_steps": int(tr.lr_warmup_fraction * args.steps),
-            "max_grad_norm": tr.clip_grad,
+            "lr": opt.lr,
+            "betas": [opt.adam_beta1, opt.adam_beta2],
+            "eps": opt.adam_eps,
+            "weight_decay": opt.weight_decay,
+            "schedule": cfg.schedule.lr_decay_style,
+            "warmup_steps": int(cfg.schedule.lr_warmup_fraction * args.steps),
+            "max_grad_norm": opt.clip_grad,
         },  # fmt: skip
         "micro_batch": args.micro_batch,
         "global_batch": args.global_batch,

@@ -48,10 +48,11 @@ def main() -> int:
     from sampo_megatron.config import parse_config
     from sampo_megatron.generation import GenerationConfig, generate
     from sampo_megatron.generation.loading import close_distributed, load_for_generation
+    from sampo_megatron.plan import resolve
 
     os.environ.setdefault("MASTER_PORT", "29617")
     cfg = parse_config(["--load", paths["megatron"], "--seq-length", str(work.max_length), "--tensor-model-parallel-size", "1"])
-    chunks, tokenizer, vocab_size = load_for_generation(cfg)
+    chunks, tokenizer, vocab_size = load_for_generation(resolve(cfg, purpose="generate"))
     with open(paths["pairs"]) as f:
         pairs = [json.loads(line) for line in f][:PROMPTS]
     prompt_ids = [tokenizer.encode(p["prompt"])[:64] for p in pairs]

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
+from sampo_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig, TrainingConfig
 from sampo_megatron.planning import GIB, Layout, ModelShape, plan_memory
 from sampo_megatron.planning.shapes import attention_kind
 
@@ -31,6 +31,8 @@ CANDIDATES = {
     "llama3.2-1b": ModelShape(16, 2048, 8192, 32, 8, 128256),
 }
 SMOKE = {"tiny": ModelShape(2, 128, 352, 4, 2, 1024, make_vocab_size_divisible_by=64)}
+# Every step recomputes every layer (full, uniform, 1 layer per chunk): the largest model fits.
+RECOMPUTE = RecomputeConfig(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 # Dense BF16 peak (no sparsity) from NVIDIA's data sheets.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12}
 
@@ -74,17 +76,18 @@ class PolicyAndReference:
     """A policy (megatron DDP + optimizer) and a frozen reference of the same shape, one SamPO step,
     built with the trainer's builders (sampo_megatron/runtime/builders.py)."""
 
-    def __init__(self, shape: ModelShape, training: TrainingConfig, impl: str, seq: int, device: torch.device):
+    def __init__(self, shape: ModelShape, precision: PrecisionConfig, impl: str, seq: int, device: torch.device):
         from sampo_megatron.config import RunConfig
-        from sampo_megatron.models.gpt import padded_vocab_size, transformer_config
-        from sampo_megatron.runtime.builders import build_chunks, build_optimizer, wrap_ddp
+        from sampo_megatron.plan import resolve
+        from sampo_megatron.runtime.builders import build_chunks, build_optimizer, run_transformer_config, wrap_ddp
 
-        training = dataclasses.replace(training, seq_length=seq)
-        cfg = RunConfig(model=model_config(shape, impl), training=training)
-        self.config = transformer_config(cfg.model, cfg.parallel, cfg.training)
-        padded = padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, 1)
-        self.policy = wrap_ddp(cfg, self.config, build_chunks(cfg, padded, self.config))[0]
-        self.reference = build_chunks(cfg, padded, frozen=True)[0]
+        # the trainer's plan for a model of this shape on this GPU (nothing read: purpose "model")
+        cfg = RunConfig(model=model_config(shape, impl), training=TrainingConfig(seq_length=seq), precision=precision, recompute=RECOMPUTE)
+        plan = resolve(cfg, world_size=1, purpose="model")
+        cfg = plan.config
+        self.config = run_transformer_config(plan)
+        self.policy = wrap_ddp(cfg, self.config, build_chunks(plan, self.config))[0]
+        self.reference = build_chunks(plan, frozen=True)[0]
         # the reference starts as a copy of the policy (as in training): the first loss is log 2
         from sampo_megatron.training.reference import copy_weights
 
@@ -225,13 +228,12 @@ def main() -> None:
         pass
 
     # BF16, local spec (no Transformer Engine needed), full recomputation of every layer.
-    training = TrainingConfig(bf16=cuda, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     layout = Layout(micro_batch_size=1, global_batch_size=1, seq_length=seq, param_bytes=2 if cuda else 4,
                     recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
                     attention=attention_kind("local", "sdpa"))  # fmt: skip
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 64 * GIB
     name, shape, plan = pick_shape(CANDIDATES if cuda else SMOKE, layout, gpu_bytes)
-    runner = PolicyAndReference(shape, training, "local", seq, device)
+    runner = PolicyAndReference(shape, PrecisionConfig(bf16=cuda), "local", seq, device)
     times, loss = time_steps(runner, args.warmup, args.steps, device)
     step_s = statistics.median(times)
     flops = step_flops(shape, 2 * seq, seq)
@@ -275,7 +277,7 @@ def packed_vs_alone(impl: str, device) -> dict:
     from sampo_megatron.models.gpt import build_model_chunks, transformer_config
 
     model = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, vocab_size=512, transformer_impl=impl)
-    config = transformer_config(model, ParallelConfig(), TrainingConfig(seq_length=256))
+    config = transformer_config(model)
     (chunk,) = build_model_chunks(model, config, 512, 256)
     chunk.eval()
     lengths = [37, 100, 5]
@@ -310,10 +312,10 @@ def fp8_vs_bf16(shape: ModelShape, seq: int, device, args) -> dict:
     except ImportError as err:
         return {"skipped": f"Transformer Engine is not importable ({err})"}
     out = {"transformer_engine": getattr(transformer_engine, "__version__", "?")}
-    base = TrainingConfig(bf16=True, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    for label, training in (("bf16_te", base), ("fp8_hybrid", dataclasses.replace(base, fp8_format="hybrid"))):
+    base = PrecisionConfig(bf16=True)
+    for label, precision in (("bf16_te", base), ("fp8_hybrid", dataclasses.replace(base, fp8_format="hybrid"))):
         try:
-            runner = PolicyAndReference(shape, training, "transformer_engine", seq, device)
+            runner = PolicyAndReference(shape, precision, "transformer_engine", seq, device)
             times, loss = time_steps(runner, args.warmup, args.steps, device)
             out[label] = {"step_s_median": statistics.median(times), "first_step_loss": loss}
             del runner

@@ -87,11 +87,12 @@ def profile_one_step(work_dir: Path, threads: int) -> dict:
     single_process_env()
 
     from sampo_megatron.config import parse_config
+    from sampo_megatron.plan import resolve
     from sampo_megatron.training.trainer import Trainer
 
     paths = json.loads((work_dir / "paths.json").read_text())
     work = json.loads((work_dir / "workload.json").read_text())
-    trainer = Trainer(parse_config(trainer_flags(paths, work, "replica", 3, 1, 4)))
+    trainer = Trainer(resolve(parse_config(trainer_flags(paths, work, "replica", 3, 1, 4))))
     trainer.train_step(0)
     trainer.train_step(1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

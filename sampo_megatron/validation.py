@@ -1,10 +1,10 @@
 """One validation of a run's configuration, before anything heavy is imported or any data is read.
 
 :func:`config_problems` states every rule once, in the words of the flags as the user writes them;
-the trainer, ``--dry-run``, generation and the converter call it (the converter through
-:func:`split_rule_problems`), so a bad layout gives the same line everywhere. Rules that depend on
-the machine (a GPU for FP8, Transformer Engine importable) stay where the machine is known
-(models/gpt.py); rules about a checkpoint's contents stay with the checkpoint (models/architecture.py,
+:func:`sampo_megatron.plan.resolve` calls it for the trainer, ``--dry-run``, generation and the
+benchmarks, and the converter calls :func:`split_rule_problems`, so a bad layout gives the same
+line everywhere. What the machine can do (a GPU, Transformer Engine) comes in as ``machine``; rules
+about a checkpoint's contents stay with the checkpoint (models/architecture.py,
 training/run_config.py).
 """
 
@@ -13,17 +13,53 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-import torch
-
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig, PrecisionConfig, RunConfig
 from .losses import LOSSES
-from .models.gpt import attention_window_problem, fp8_unavailable_reason
 
 Purpose = Literal["train", "dry_run", "generate"]
 
 
 class ConfigError(ValueError):
     """The configuration cannot run; the message lists every problem, one per line."""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fp8_unavailable_reason(model: ModelConfig, precision: PrecisionConfig, cuda: bool, transformer_engine: bool) -> str | None:
+    """Why ``--fp8-format`` cannot run here, or ``None`` when it can (or FP8 is off).
+
+    Args:
+        model: architecture (``transformer_impl``).
+        precision: the precision flags.
+        cuda: a CUDA GPU is present.
+        transformer_engine: ``transformer_engine`` imports.
+    """
+    if precision.fp8_format is None:
+        return None
+    flag = f"--fp8-format {precision.fp8_format}"
+    if not cuda:
+        return f"{flag} needs a CUDA GPU with FP8 support (H100/H200 or newer); this machine has none (drop the flag on CPU)"
+    if not transformer_engine:
+        return f"{flag} needs Transformer Engine: pip install 'sampo-megatron[gpu]' (NGC PyTorch containers ship it)"
+    if model.transformer_impl != "transformer_engine":
+        return f"{flag} needs --transformer-impl transformer_engine (FP8 GEMMs are Transformer Engine layers)"
+    if not precision.bf16:
+        return f"{flag} needs --bf16 (the FP8 GEMMs' inputs, outputs and master weights around them)"
+    return None
+
+
+def attention_window_problem(model: ModelConfig, seq_length: int) -> str | None:
+    """Why ``seq_length`` cannot run with the model's attention window (Mistral), or None."""
+    if model.sliding_window is None or seq_length <= model.sliding_window:
+        return None
+    return (
+        f"--seq-length {seq_length} exceeds the model's attention window ({model.sliding_window} tokens, sliding_window): "
+        "attention here is fully causal, which equals the windowed attention only for sequences within the window"
+    )
 
 
 def _at_least(value, minimum, flag: str) -> list[str]:
@@ -55,15 +91,20 @@ def split_rule_problems(model: ModelConfig, tp: int, pp: int, vpp_layers: int | 
     return problems + split_problems(heads, groups, model.num_layers, tp, pp, vpp, ffn=ffn_hidden_size(model))
 
 
-def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purpose = "train") -> list[str]:
+def config_problems(
+    cfg: RunConfig, world_size: int | None = None, purpose: Purpose = "train", machine: dict[str, bool] | None = None
+) -> list[str]:
     """Every reason ``cfg`` cannot run, one line each (empty when it can).
 
     Args:
         cfg: the configuration (a checkpoint's architecture already adopted, when there is one).
         world_size: processes of the run when known: must be TP x PP x CP x DP.
         purpose: train (the trainer), dry_run (``--dry-run``: no data needed) or generate.
+        machine: ``{"cuda": bool, "transformer_engine": bool}``, what this machine has (default: a
+            GPU only when ``torch.cuda`` sees one, always for a dry run; Transformer Engine assumed).
     """
     m, par, tr, d, ref, ck, ev = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.reference, cfg.checkpoint, cfg.eval
+    opt, sch, pr, rc = cfg.optimizer, cfg.schedule, cfg.precision, cfg.recompute
     p: list[str] = []
     # numbers that must be positive
     for value, minimum, flag in (
@@ -72,30 +113,30 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
         (par.pipeline_model_parallel_size, 1, "--pipeline-model-parallel-size"), (par.context_parallel_size, 1, "--context-parallel-size"),
         (tr.micro_batch_size, 1, "--micro-batch-size"), (tr.global_batch_size, 1, "--global-batch-size"),
         (tr.seq_length, 1, "--seq-length"), (tr.train_iters, 1, "--train-iters"), (tr.train_epochs, 1, "--train-epochs"),
-        (tr.lr, 0.0, "--lr"), (tr.min_lr, 0.0, "--min-lr"), (tr.weight_decay, 0.0, "--weight-decay"), (tr.clip_grad, 0.0, "--clip-grad"),
+        (opt.lr, 0.0, "--lr"), (sch.min_lr, 0.0, "--min-lr"), (opt.weight_decay, 0.0, "--weight-decay"), (opt.clip_grad, 0.0, "--clip-grad"),
         (tr.seed, 0, "--seed"), (ck.save_interval, 1, "--save-interval"), (cfg.logging.log_interval, 1, "--log-interval"),
         (ev.eval_interval, 1, "--eval-interval"), (ev.eval_max_new_tokens, 1, "--eval-max-new-tokens"),
         (ev.eval_batch_size, 1, "--eval-batch-size"), (ev.eval_temperature, 0.0, "--eval-temperature"),
         (d.min_response_tokens, 0, "--min-response-tokens"),
     ):  # fmt: skip
         p += _at_least(value, minimum, flag)
-    if not 0.0 <= tr.lr_warmup_fraction <= 1.0:
-        p.append(f"--lr-warmup-fraction must be in [0, 1], got {tr.lr_warmup_fraction}")
-    if tr.min_lr > tr.lr:
-        p.append(f"--min-lr {tr.min_lr} is above --lr {tr.lr}")
-    for value, flag in ((tr.adam_beta1, "--adam-beta1"), (tr.adam_beta2, "--adam-beta2")):
+    if not 0.0 <= sch.lr_warmup_fraction <= 1.0:
+        p.append(f"--lr-warmup-fraction must be in [0, 1], got {sch.lr_warmup_fraction}")
+    if sch.min_lr > opt.lr:
+        p.append(f"--min-lr {sch.min_lr} is above --lr {opt.lr}")
+    for value, flag in ((opt.adam_beta1, "--adam-beta1"), (opt.adam_beta2, "--adam-beta2")):
         if not 0.0 <= value < 1.0:
             p.append(f"{flag} must be in [0, 1), got {value}")
-    if tr.adam_eps <= 0:
-        p.append(f"--adam-eps must be > 0, got {tr.adam_eps}")
+    if opt.adam_eps <= 0:
+        p.append(f"--adam-eps must be > 0, got {opt.adam_eps}")
     if not 0.0 < ev.eval_top_p <= 1.0:
         p.append(f"--eval-top-p must be in (0, 1], got {ev.eval_top_p}")
-    if tr.bf16 and tr.fp16:
+    if pr.bf16 and pr.fp16:
         p.append("--bf16 and --fp16 are exclusive")
-    # FP8: a GPU first (the likeliest reason on CPU), then the configuration; --dry-run plans for a GPU
-    # machine it does not run on. Whether Transformer Engine imports is checked where it is imported.
-    gpu = True if purpose == "dry_run" else torch.cuda.is_available()
-    fp8 = fp8_unavailable_reason(m, tr, cuda=gpu, transformer_engine=True)
+    # FP8: a GPU first (the likeliest reason on CPU), then Transformer Engine, then the configuration.
+    if machine is None:
+        machine = {"cuda": True if purpose == "dry_run" else _cuda_available(), "transformer_engine": True}
+    fp8 = fp8_unavailable_reason(m, pr, cuda=machine["cuda"], transformer_engine=machine["transformer_engine"])
     window = attention_window_problem(m, tr.seq_length)
     p += [problem for problem in (fp8, window) if problem]
     if LOSSES[cfg.loss.loss_type].needs_token_kl:
@@ -129,15 +170,15 @@ def config_problems(cfg: RunConfig, world_size: int | None = None, purpose: Purp
                          f"x data-parallel size {dp}")  # fmt: skip
         elif tr.global_batch_size % tr.micro_batch_size:
             p.append(f"--global-batch-size {tr.global_batch_size} not divisible by --micro-batch-size {tr.micro_batch_size}")
-    if tr.recompute_granularity == "full":
+    if rc.recompute_granularity == "full":
         vpp_layers = par.num_layers_per_virtual_pipeline_stage
         chunk_layers = vpp_layers or m.num_layers // max(1, par.pipeline_model_parallel_size)
-        n = tr.recompute_num_layers
-        if tr.recompute_method is None:
+        n = rc.recompute_num_layers
+        if rc.recompute_method is None:
             p.append("--recompute-granularity full needs --recompute-method uniform or block")
         if n is None or not 1 <= n <= chunk_layers:
             p.append(f"--recompute-num-layers must be between 1 and the layers per model chunk ({chunk_layers}), got {n}")
-    elif tr.recompute_granularity == "selective" and tr.recompute_num_layers is not None:
+    elif rc.recompute_granularity == "selective" and rc.recompute_num_layers is not None:
         p.append("--recompute-granularity selective takes no --recompute-num-layers")
 
     if tr.pack_sequences:
@@ -194,9 +235,9 @@ def validate_or_raise(cfg: RunConfig, world_size: int | None = None, purpose: Pu
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer, architecture, log) -> None:
+def tokenizer_problems(cfg: RunConfig, tokenizer, architecture, log) -> list[str]:
     """A ``--tokenizer-model`` given next to a checkpoint that carries its own tokenizer must be the
-    same tokenizer (same ids); a different one is an error naming both.
+    same tokenizer (same ids); a different one is a problem naming both.
 
     Args:
         tokenizer: the loaded ``--tokenizer-model``.
@@ -206,20 +247,21 @@ def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer, architecture, 
     from .data import load_tokenizer
 
     if architecture is None or architecture.tokenizer is None:
-        return
+        return []
     if os.path.abspath(architecture.tokenizer) == os.path.abspath(cfg.data.tokenizer_model):
-        return
+        return []
     if not os.path.exists(architecture.tokenizer):
         log(f"note: the checkpoint names tokenizer {architecture.tokenizer}, which does not exist; using --tokenizer-model "
             f"{cfg.data.tokenizer_model}")  # fmt: skip
-        return
+        return []
     own = load_tokenizer(architecture.tokenizer, cfg.data.tokenizer_type)
     if own.fingerprint() != tokenizer.fingerprint():
-        raise ConfigError(
+        return [
             f"--tokenizer-model {cfg.data.tokenizer_model} is not the tokenizer of the checkpoint ({architecture.tokenizer}): "
             f"their ids differ (fingerprints {tokenizer.fingerprint()} and {own.fingerprint()}). Leave the flag out to use "
             "the checkpoint's own tokenizer."
-        )
+        ]
+    return []
 
 
 def packing_enabled(cfg: RunConfig) -> bool:

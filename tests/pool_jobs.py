@@ -61,3 +61,23 @@ def train_layouts(runs: list[list[str]]) -> list[int]:
         except SystemExit as exit_:
             codes.append(exit_.code or 0)
     return codes
+
+
+def count_resolves(argv: list[str]) -> int:
+    """``sampo-train argv`` in this process; how many times the run's plan was resolved."""
+    from sampo_megatron import plan
+    from sampo_megatron.cli.train import main
+
+    calls = []
+    original = plan.resolve
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    plan.resolve = counting
+    try:
+        main(argv)
+    finally:
+        plan.resolve = original
+    return len(calls)

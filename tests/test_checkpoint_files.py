@@ -224,13 +224,36 @@ def _record(**changes) -> dict:
     return {"config": json.loads(json.dumps(cfg.to_dict())), "derived": {"num_pairs": 256, "data_fingerprint": "abc"}}
 
 
+def test_a_run_config_written_before_the_sections_split_compares_field_by_field():
+    """run_config.json of a run saved when optimizer, schedule, precision, recompute and operations
+    flags were training flags: the same run resumes, a changed flag is named in its section now."""
+    from sampo_megatron.config.schema import TRAINING_SPLIT
+
+    def legacy(record: dict) -> dict:
+        config = {section: dict(fields) for section, fields in record["config"].items() if section not in set(TRAINING_SPLIT.values())}
+        for name, section in TRAINING_SPLIT.items():
+            config["training"][name] = record["config"][section][name]
+        return {**record, "config": config}
+
+    old = legacy(_record())
+    assert "lr" in old["config"]["training"] and "optimizer" not in old["config"]
+    same = compare(old, _record())
+    assert (same.objective, same.data, same.schedule, same.applied) == ([], [], [], [])
+    changed = compare(old, _record(optimizer__lr=1e-5, precision__bf16=True, operations__exit_interval=3))
+    assert changed.schedule == [("optimizer.lr", 1e-6, 1e-5)]
+    assert sorted(c[0] for c in changed.applied) == ["operations.exit_interval", "precision.bf16"]
+    assert check_resume(old, _record(), "ckpt", override_schedule=False) == []  # the same run resumes
+    with pytest.raises(ConfigChangeError, match="--lr: 1e-06 in the checkpoint, 1e-05 now"):
+        check_resume(old, _record(optimizer__lr=1e-5), "ckpt", override_schedule=False)
+
+
 def test_config_changes_are_sorted():
     saved = _record()
     changes = compare(
-        saved, _record(loss__beta=0.5, training__lr=1e-5, logging__log_interval=5, parallel__tensor_model_parallel_size=2)
+        saved, _record(loss__beta=0.5, optimizer__lr=1e-5, logging__log_interval=5, parallel__tensor_model_parallel_size=2)
     )
     assert changes.objective == [("loss.beta", 0.1, 0.5)]
-    assert changes.schedule == [("training.lr", 1e-6, 1e-5)]
+    assert changes.schedule == [("optimizer.lr", 1e-6, 1e-5)]
     assert sorted(c[0] for c in changes.applied) == ["logging.log_interval", "parallel.tensor_model_parallel_size"]
     moved = _record(data__data_path="/elsewhere/pairs.jsonl")  # same pairs (same fingerprint): applied
     assert [c[0] for c in compare(saved, moved).applied] == ["data.data_path"]

@@ -128,6 +128,31 @@ def test_expected_notices_are_dropped_and_nothing_else():
         assert len(logger.filters) == 1
 
 
+def test_expected_warnings_are_dropped_and_a_reworded_one_fails_loudly(monkeypatch):
+    import warnings
+
+    from sampo_megatron.compat import notices
+
+    with warnings.catch_warnings():
+        notices.quiet_expected_notices()  # each message is checked in its module's installed source
+        for expected in notices.expected_warnings():
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.warn(expected.message + " and more", UserWarning, stacklevel=1)
+                warnings.warn("something else entirely", UserWarning, stacklevel=1)
+            assert [str(w.message) for w in seen] == ["something else entirely"], expected
+    gone = notices.ExpectedWarning("megatron.core.transformer.transformer_config", "a message no release prints", "test")
+    monkeypatch.setattr(notices, "_WARNINGS_ON_EVERY_LINE", (gone,))
+    with pytest.raises(cpu.CompatError, match="transformer_config no longer says 'a message no release prints'"):
+        notices.quiet_expected_notices()
+
+
+def test_the_local_spec_sites_exist():
+    from sampo_megatron.compat.local_spec import SITES, check_local_spec
+
+    assert release_line().name in SITES
+    check_local_spec()
+
+
 # ------------------------------------------------------------------- compat/torch_compile.py
 def test_the_jit_fuser_is_disabled_only_without_cuda():
     import types

@@ -15,7 +15,7 @@ def test_flags_override_the_yaml_file(tmp_path):
     path.write_text("tensor-model-parallel-size: 2\nlr: 1\nlength_debias: sampo\nbeta: 0.5\n")
     cfg = parse_config(["--config", str(path), "--beta", "0.2", "--seed", "9"])
     assert cfg.parallel.tensor_model_parallel_size == 2
-    assert cfg.training.lr == 1.0 and isinstance(cfg.training.lr, float)
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
     assert cfg.loss.length_debias == "sampo" and cfg.loss.beta == 0.2
     assert cfg.loss.seed == 9 and cfg.training.seed == 9  # one --seed for init, data and draws
 
@@ -39,7 +39,7 @@ def test_bad_flag_values_exit_with_usage():
 
 
 def test_help_shows_every_flags_default():
-    from sampo_megatron.config import _flag_fields, build_parser
+    from sampo_megatron.config.parsing import _flag_fields, build_parser
 
     text = " ".join(build_parser().format_help().split())
     assert text.count("(default: ") == len(list(_flag_fields())) > 100

@@ -225,15 +225,15 @@ def test_trainer_trains_a_converted_checkpoint_as_policy_and_reference(tmp_path)
 
 def test_flags_that_disagree_with_the_checkpoint_are_refused(converted):
     from sampo_megatron.config import parse_config
-    from sampo_megatron.training.trainer import Trainer
+    from sampo_megatron.plan import resolve
 
     ckpt = str(converted / "pythia" / "mg_tp1")
     base = ["--load", ckpt, "--data-path", str(PAIRS), "--train-iters", "1"]
     with pytest.raises(ValueError, match=r"--num-layers 3 \(checkpoint: 2\).*--normalization 'RMSNorm'"):
-        Trainer(parse_config([*base, "--num-layers", "3", "--normalization", "RMSNorm"]))
+        resolve(parse_config([*base, "--num-layers", "3", "--normalization", "RMSNorm"]), world_size=1)
     other = str(converted / "llama2" / "mg_tp1")
     with pytest.raises(ValueError, match="hold different architectures"):
-        Trainer(parse_config([*base, "--ref-load", other]))
+        resolve(parse_config([*base, "--ref-load", other]), world_size=1)
 
 
 def test_architecture_fills_only_unset_fields():
@@ -250,11 +250,12 @@ def test_architecture_fills_only_unset_fields():
 
 
 def test_sequences_longer_than_the_attention_window_are_refused():
-    from sampo_megatron.config import ModelConfig
-    from sampo_megatron.models.gpt import build_model_chunks
+    from sampo_megatron.config import parse_config
+    from sampo_megatron.plan import resolve
 
+    # resolved once, before any model is built (sampo_megatron/validation.py states the rule)
     with pytest.raises(ValueError, match="exceeds the model's attention window"):
-        build_model_chunks(ModelConfig(sliding_window=16), None, 128, seq_length=32)
+        resolve(parse_config(["--sliding-window", "16", "--seq-length", "32", "--vocab-size", "128"]), world_size=1, purpose="model")
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from sampo_megatron.config import parse_config
-from sampo_megatron.models.gpt import fp8_unavailable_reason, transformer_config
-from sampo_megatron.validation import config_problems
+from sampo_megatron.models.gpt import transformer_config
+from sampo_megatron.validation import config_problems, fp8_unavailable_reason
 
 from helpers import REPO_ROOT, torchrun_env
 
@@ -19,7 +19,7 @@ FP8 = ["--num-layers", "6", "--bf16", "--transformer-impl", "transformer_engine"
 
 def build(flags):
     cfg = parse_config(flags)
-    return cfg, transformer_config(cfg.model, cfg.parallel, cfg.training)
+    return cfg, transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.recompute)
 
 
 def test_fp8_flags_reach_the_transformer_config():
@@ -42,7 +42,7 @@ def test_the_reference_replica_is_built_from_the_same_config():
     two calls give equal FP8 / recompute fields (the Trainer-level check with a real replica, for
     recomputation, is in tests/test_plan_memory.py)."""
     cfg, policy = build(FP8)
-    reference = transformer_config(cfg.model, cfg.parallel, cfg.training)
+    reference = transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.recompute)
     keys = ("fp8", "fp8_recipe", "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16")
     assert {k: getattr(reference, k) for k in keys} == {k: getattr(policy, k) for k in keys}
 
@@ -56,14 +56,14 @@ def test_megatron_rejects_bf16_edge_layers_with_delayed_scaling():
 
 def test_fp8_unavailable_reasons():
     cfg = parse_config(FP8)
-    assert "needs a CUDA GPU" in fp8_unavailable_reason(cfg.model, cfg.training, cuda=False, transformer_engine=False)
-    assert "needs Transformer Engine" in fp8_unavailable_reason(cfg.model, cfg.training, cuda=True, transformer_engine=False)
-    assert fp8_unavailable_reason(cfg.model, cfg.training, cuda=True, transformer_engine=True) is None
+    assert "needs a CUDA GPU" in fp8_unavailable_reason(cfg.model, cfg.precision, cuda=False, transformer_engine=False)
+    assert "needs Transformer Engine" in fp8_unavailable_reason(cfg.model, cfg.precision, cuda=True, transformer_engine=False)
+    assert fp8_unavailable_reason(cfg.model, cfg.precision, cuda=True, transformer_engine=True) is None
     local = parse_config(FP8 + ["--transformer-impl", "local"])
-    assert "--transformer-impl transformer_engine" in fp8_unavailable_reason(local.model, local.training, True, True)
+    assert "--transformer-impl transformer_engine" in fp8_unavailable_reason(local.model, local.precision, True, True)
     no_bf16 = parse_config(FP8 + ["--no-bf16"])
-    assert "needs --bf16" in fp8_unavailable_reason(no_bf16.model, no_bf16.training, True, True)
-    assert fp8_unavailable_reason(parse_config([]).model, parse_config([]).training, False, False) is None
+    assert "needs --bf16" in fp8_unavailable_reason(no_bf16.model, no_bf16.precision, True, True)
+    assert fp8_unavailable_reason(parse_config([]).model, parse_config([]).precision, False, False) is None
 
 
 @pytest.mark.multiprocess
@@ -80,7 +80,7 @@ def test_every_recipe_parses_with_the_trainers_parser():
     assert len(recipes) == 12
     for recipe in recipes:
         cfg = parse_config(["--config", str(recipe)])
-        transformer_config(cfg.model, cfg.parallel, cfg.training)  # megatron-core's own validation
+        transformer_config(cfg.model, cfg.parallel, cfg.precision, cfg.recompute)  # megatron-core's own validation
         if recipe.stem.endswith("_tdpo2"):  # the paper's token-level baseline, run as the authors did
             assert (cfg.loss.loss_type, cfg.loss.tdpo_alpha, cfg.loss.length_debias) == ("tdpo2", 0.5, "none"), recipe.name
             assert not [p for p in config_problems(cfg, world_size=8, purpose="dry_run") if "TDPO" in p], recipe.name
@@ -90,7 +90,7 @@ def test_every_recipe_parses_with_the_trainers_parser():
     by_name = {r.stem: parse_config(["--config", str(r)]) for r in recipes}
     assert by_name["pythia-2.8b_hh-rlhf"].loss.beta == 0.05 and by_name["pythia-2.8b_tldr"].loss.beta == 0.5
     llama = by_name["llama3-8b_ultrafeedback"]
-    assert (llama.training.lr, llama.loss.beta, llama.training.train_epochs, llama.training.seq_length) == (4e-7, 0.1, 3, 8192)
-    assert by_name["tulu2-13b_ultrafeedback"].training.lr == 1e-6
-    assert by_name["qwen1.5-72b_ultrafeedback_fp8"].training.fp8_format == "hybrid"
-    assert by_name["pythia-2.8b_tldr_tdpo2"].loss.beta == 0.5 and by_name["llama3-8b_ultrafeedback_tdpo2"].training.lr == 4e-7
+    assert (llama.optimizer.lr, llama.loss.beta, llama.training.train_epochs, llama.training.seq_length) == (4e-7, 0.1, 3, 8192)
+    assert by_name["tulu2-13b_ultrafeedback"].optimizer.lr == 1e-6
+    assert by_name["qwen1.5-72b_ultrafeedback_fp8"].precision.fp8_format == "hybrid"
+    assert by_name["pythia-2.8b_tldr_tdpo2"].loss.beta == 0.5 and by_name["llama3-8b_ultrafeedback_tdpo2"].optimizer.lr == 4e-7

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-# examples/length_bias and tools are on pytest's pythonpath (pyproject.toml).
+from sampo_megatron.cli.plot_metrics import plot_runs, read_metrics, series
+
+# examples/length_bias is on pytest's pythonpath (pyproject.toml).
 import task
 from assets import write_assets
-from plot_metrics import plot_runs, read_metrics, series
 
 
 def test_quality_checker():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sampo_megatron.config import TrainingConfig
+from sampo_megatron.config import OperationsConfig
 from sampo_megatron.runtime.checkpointing import _older_checkpoints, prune_checkpoints, resolve_checkpoint
 from sampo_megatron.training.exit import ExitConditions
 from sampo_megatron.training.metrics import MetricsLogger, MissingPackageError, format_duration, prepare_metrics_file
@@ -73,12 +73,12 @@ def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
 
 
 def test_exit_conditions_without_distributed():
-    interval = ExitConditions(TrainingConfig(exit_interval=3))
+    interval = ExitConditions(OperationsConfig(exit_interval=3))
     assert interval.should_exit(2) is None and interval.should_exit(3) == "--exit-interval 3 reached"
-    budget = ExitConditions(TrainingConfig(exit_duration_in_mins=1), start=time.monotonic() - 61)
+    budget = ExitConditions(OperationsConfig(exit_duration_in_mins=1), start=time.monotonic() - 61)
     assert budget.should_exit(1) == "--exit-duration-in-mins 1 reached"
-    assert ExitConditions(TrainingConfig()).should_exit(5) is None
-    handler = ExitConditions(TrainingConfig(exit_signal_handler=True))
+    assert ExitConditions(OperationsConfig()).should_exit(5) is None
+    handler = ExitConditions(OperationsConfig(exit_signal_handler=True))
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
         time.sleep(0.05)

@@ -15,8 +15,9 @@ import platform
 import statistics
 from collections import defaultdict
 
+from sampo_megatron.cli.plot_metrics import read_metrics
+
 import task
-from plot_metrics import read_metrics
 
 # t(0.975, df) for df = 1..30; beyond, the normal quantile (within 4%).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

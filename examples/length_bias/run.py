@@ -34,10 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 
-# This script's directory is on the path when it runs (python examples/length_bias/run.py); the
-# report reads metrics files with tools/plot_metrics.py.
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
+# This script's directory is on the path when it runs (python examples/length_bias/run.py).
 from assets import write_assets  # noqa: E402
 from report import write_report  # noqa: E402
 

@@ -30,10 +30,6 @@ import json
 import os
 import sys
 import time
-import warnings
-
-for message in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
-    warnings.filterwarnings("ignore", message=message)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -70,9 +66,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
     from sampo_megatron.config import parse_config
-    from sampo_megatron.generation import GenerationConfig, encode_prompts, generate_sharded
     from sampo_megatron.generation.exports import alpaca_eval_records, answer_turns, mt_bench_records, read_eval_prompts
-    from sampo_megatron.generation.loading import close_distributed, load_for_generation
 
     from .train import exit_with, user_errors
 
@@ -82,7 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         exit_with(err)
     try:
-        chunks, tokenizer, vocab_size = load_for_generation(cfg)
+        from sampo_megatron.compat.notices import quiet_expected_notices
+
+        quiet_expected_notices()  # before megatron-core is imported: its import-time warnings included
+        from sampo_megatron.generation import GenerationConfig, encode_prompts, generate_sharded
+        from sampo_megatron.generation.loading import close_distributed, load_for_generation
+        from sampo_megatron.plan import resolve
+
+        chunks, tokenizer, vocab_size = load_for_generation(resolve(cfg, purpose="generate"))
     except user_errors() as err:
         exit_with(err)
     gen = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.generation_seed, args.generation_batch_size,

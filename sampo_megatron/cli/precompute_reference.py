@@ -23,12 +23,13 @@ import sys
 from .train import exit_with, user_errors
 
 
-def precompute(cfg) -> None:
-    """Build the run as training would, compute the cache of version 0 unless it is complete (and
-    this run's), close."""
+def precompute(plan) -> None:
+    """Build the run of ``plan`` as training would, compute the cache of version 0 unless it is
+    complete (and this run's), close."""
     from ..training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    cfg = plan.config
+    trainer = Trainer(plan)
     completed = False
     try:
         trainer.reference.on_step(0, 0)
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("tools/precompute_reference.py needs --ref-cache-dir (where the cache goes)")
         if LOSSES[cfg.loss.loss_type].reference_free:
             raise ConfigError(f"--loss-type {cfg.loss.loss_type} reads no reference: there is nothing to precompute")
-        precompute(cfg)
+        from ..plan import resolve
+
+        precompute(resolve(cfg))
     except errors as err:
         exit_with(err)

@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
-# megatron-core's notices about missing optional GPU libraries, repeated by every rank on CPU.
-for _message in (
-    "Transformer Engine and Apex are not installed",
-    "Apex is not installed",
-    "full scope is deprecated",
-    "When using async grad allreduce",
-    "MimoModelConfig is experimental",  # megatron-core 0.19 warns when the package is imported
-):
-    warnings.filterwarnings("ignore", message=_message)
+TRACEBACK_ENV = "SAMPO_TRACEBACK"
+"""Set (to anything but 0) to get the Python traceback of a user error too (docs/launch.md)."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -29,6 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     printed without a traceback."""
     from ..compat import CompatError, UnsupportedMegatronError
     from ..config import ConfigFileError
+    from ..data.errors import BadRecord, DataError
     from ..runtime.checkpointing import CheckpointLoadError
     from ..training.metrics import MissingPackageError
     from ..training.nonfinite import NonFiniteError
@@ -38,13 +31,42 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..validation import ConfigError
 
     return (CompatError, UnsupportedMegatronError, CheckpointLoadError, NonFiniteError, ConfigChangeError, RunLockError,
-            ConfigError, ConfigFileError, CacheMismatchError, MissingPackageError)  # fmt: skip
+            ConfigError, ConfigFileError, CacheMismatchError, MissingPackageError, BadRecord, DataError)  # fmt: skip
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def record_for_launcher(message: str, callstack: str | None = None) -> None:
+    """Write this rank's failure where torchrun reads it (``TORCHELASTIC_ERROR_FILE``, in the format
+    of ``torch.distributed.elastic``'s ``record``), so that torchrun's failure summary names the
+    cause instead of "To enable traceback see ...". Without torchrun there is no such file.
+
+    Args:
+        callstack: the traceback of an unexpected error; a user error's summary shows ``message``.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    info = {"py_callstack": callstack or message, "timestamp": str(int(time.time()))}
+    with open(path, "w") as f:
+        json.dump({"message": {"message": message, "extraInfo": info}}, f)
 
 
 def exit_with(err: BaseException, status: int = 1) -> None:
-    """Print ``err``'s message (on global rank 0 only: every rank has the same) and exit."""
+    """End the process on a user error: ``error: <message>`` once per job (global rank 0 prints it:
+    every rank has the same), recorded for torchrun's summary on every rank, exit ``status``. With
+    ``SAMPO_TRACEBACK=1`` the error is raised instead (a traceback per rank)."""
+    if _traceback_wanted():
+        raise err
+    message = f"error: {err}"
     if os.environ.get("RANK", "0") == "0":
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
+    record_for_launcher(message)
     sys.exit(status)
 
 
@@ -74,24 +96,25 @@ def _main(argv: list[str] | None) -> None:
 
     try:
         cfg = parse_config(argv)
+        from ..plan import resolve
+
         if cfg.plan.dry_run:  # the layout checked and the memory plan printed, nothing built
             from ..planning.dry_run import dry_run_report
 
-            print(dry_run_report(cfg), flush=True)
+            print(dry_run_report(resolve(cfg, purpose="dry_run")), flush=True)
             return
         from ..compat.notices import quiet_expected_notices
 
         quiet_expected_notices()  # before anything imports megatron-core (compat/notices.py)
-        from ..runtime.builders import resolve_architecture
-        from ..validation import validate_or_raise
-
-        resolve_architecture(cfg)  # reads only the checkpoint's sampo_model.json
-        validate_or_raise(cfg)  # before megatron-core is imported (the trainer checks again)
+        plan = resolve(cfg)  # reads only the checkpoint's sampo_model.json and the tokenizer
         from ..training.trainer import run
 
-        run(cfg)
+        run(plan)
     except Exception as err:
         if not isinstance(err, user_errors()):  # imported here: --help answers before torch loads
+            import traceback
+
+            record_for_launcher(f"{type(err).__name__}: {err}", traceback.format_exc())
             raise
         exit_with(err)
     except KeyboardInterrupt:

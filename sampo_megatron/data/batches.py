@@ -12,6 +12,7 @@ from typing import Required, TypedDict, TypeVar
 import numpy as np
 import torch
 
+from .errors import DataError
 from .packing import collate_packed, pack_pairs, pair_tokens
 from .pairs import PreferencePair
 
@@ -221,7 +222,8 @@ class PairBatches:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if len(dataset) < global_batch_size:
-            raise ValueError(f"dataset of {len(dataset)} pairs is smaller than global_batch_size={global_batch_size}")
+            raise DataError(f"the data has {len(dataset)} usable pairs, fewer than --global-batch-size {global_batch_size} "
+                            "(one step's pairs): give more data or a smaller --global-batch-size")  # fmt: skip
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.seq_length = seq_length

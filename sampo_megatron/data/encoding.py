@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .errors import BadRecord
+from .errors import BadRecord, DataError
 from .layouts import DATA_FORMATS, READERS, detect_layout
 from .pairs import EncodedPair
 from .sources import RawItem, decode_item
@@ -107,7 +107,7 @@ def resolve_layout(data_format: str, items: Iterable[RawItem], path: str) -> str
         if first is None:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
             first = f"{item.location}: cannot tell the data layout from fields {fields}"
-    raise ValueError(
+    raise DataError(
         f"{first or path + ': no readable record to detect the data layout from'}; pass --data-format "
         f"({', '.join(DATA_FORMATS[1:])})"
     )

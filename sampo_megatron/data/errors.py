@@ -45,6 +45,11 @@ class Location:
         return f"{self.path}:{self.number}" if self.kind == "line" else f"{self.path}: row {self.number}"
 
 
+class DataError(ValueError):
+    """Data the run cannot train on as a whole (too few pairs for a global batch, none left after
+    skipping bad records); the message names the file and the numbers."""
+
+
 class BadRecord(ValueError):
     """A record that must not be trained on.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..frozen import Freezable
+
 LossType = Literal["sigmoid", "robust", "ipo", "hinge", "dpop", "bco_pair", "nca_pair", "sppo_hard", "kto_pair", "rdpo", "simpo",
                    "sigmoid_norm", "orpo", "sft", "tdpo1", "tdpo2"]  # fmt: skip
 """The names registered in :mod:`sampo_megatron.losses.pairwise` (tests/test_losses.py checks they agree)."""
@@ -13,7 +15,7 @@ LengthDebias = Literal["none", "sampo", "sampo_topk", "sanorm", "ld_dpo"]
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Freezable):
     """What the preference loss computes. Field names match the trainer's ``--flags``."""
 
     loss_type: LossType = "sigmoid"

@@ -3,40 +3,14 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, ParallelConfig, TrainingConfig
+from ..config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
 from ..planning.shapes import ffn_hidden_size, padded_vocab_size  # noqa: F401  (the rules; models import them from here)
 from .attention import SDPACoreAttention
-
-
-def model_vocab_sizes(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -> tuple[int, int]:
-    """The model's vocabulary and its TP-padded embedding rows.
-
-    A checkpoint padded for another TP size still loads: megatron-core loads embedding and output
-    rows with ``allow_shape_mismatch`` (the overlap is read, the rest is zero), and rows past the
-    vocabulary are padding either way.
-
-    Args:
-        model: architecture; ``vocab_size`` comes from a converted checkpoint.
-        tokenizer_vocab_size: ids the tokenizer can produce.
-        tp_size: tensor-parallel size.
-
-    Returns:
-        ``(vocab, padded)``: the columns of the softmax (the padding columns are left out of it),
-        and the rows of the embedding and output layer.
-    """
-    vocab = model.vocab_size or tokenizer_vocab_size
-    if tokenizer_vocab_size > vocab:
-        raise ValueError(
-            f"the tokenizer has {tokenizer_vocab_size} ids but the model's vocabulary has only {vocab} "
-            "(--vocab-size, or the checkpoint's sampo_model.json): use the model's own tokenizer"
-        )
-    return vocab, padded_vocab_size(vocab, model.make_vocab_size_divisible_by, tp_size)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -55,78 +29,38 @@ def activation_func(model: ModelConfig):
     raise ValueError(f"unknown --activation {model.activation!r}: expected gelu or gelu_tanh")
 
 
-def params_dtype(training: TrainingConfig) -> torch.dtype:
-    if training.bf16 and training.fp16:
-        raise ValueError("--bf16 and --fp16 are exclusive")
-    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+def params_dtype(precision: PrecisionConfig) -> torch.dtype:
+    """The parameters' dtype (--bf16 and --fp16 are exclusive: sampo_megatron/validation.py)."""
+    return torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
 
 
-def fp8_unavailable_reason(model: ModelConfig, training: TrainingConfig, cuda: bool, transformer_engine: bool) -> str | None:
-    """Why ``--fp8-format`` cannot run here, or ``None`` when it can (or FP8 is off).
-
-    Args:
-        model: architecture (``transformer_impl``).
-        training: precision flags.
-        cuda: a CUDA GPU is present.
-        transformer_engine: ``transformer_engine`` imports.
-    """
-    if training.fp8_format is None:
-        return None
-    flag = f"--fp8-format {training.fp8_format}"
-    if not cuda:
-        return f"{flag} needs a CUDA GPU with FP8 support (H100/H200 or newer); this machine has none (drop the flag on CPU)"
-    if not transformer_engine:
-        return f"{flag} needs Transformer Engine: pip install 'sampo-megatron[gpu]' (NGC PyTorch containers ship it)"
-    if model.transformer_impl != "transformer_engine":
-        return f"{flag} needs --transformer-impl transformer_engine (FP8 GEMMs are Transformer Engine layers)"
-    if not training.bf16:
-        return f"{flag} needs --bf16 (the FP8 GEMMs' inputs, outputs and master weights around them)"
-    return None
-
-
-def check_fp8_available(model: ModelConfig, training: TrainingConfig) -> None:
-    """Raise a clear error when FP8 is asked for on a machine or build that cannot run it."""
-    if training.fp8_format is None:
-        return
-    cuda = torch.cuda.is_available()
-    try:
-        import transformer_engine  # noqa: F401
-
-        te = True
-    except ImportError:
-        te = False
-    reason = fp8_unavailable_reason(model, training, cuda, te)
-    if reason:
-        raise RuntimeError(reason)
-
-
-def attention_window_problem(model: ModelConfig, seq_length: int) -> str | None:
-    """Why ``seq_length`` cannot run with the model's attention window (Mistral), or None."""
-    if model.sliding_window is None or seq_length <= model.sliding_window:
-        return None
-    return (
-        f"--seq-length {seq_length} exceeds the model's attention window ({model.sliding_window} tokens, sliding_window): "
-        "attention here is fully causal, which equals the windowed attention only for sequences within the window"
-    )
-
-
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: TrainingConfig):
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig | None = None,
+    precision: PrecisionConfig | None = None,
+    recompute: RecomputeConfig | None = None,
+    virtual_pipeline_size: int | None = None,
+):
     """The megatron-core ``TransformerConfig`` for this run: the policy's and the reference replica's
     (both are built from it, so precision and recomputation apply to both). It builds on CPU too, FP8
-    fields included; whether FP8 can run is :func:`check_fp8_available`'s question."""
+    fields included; whether FP8 can run, like every other rule, is sampo_megatron/validation.py's.
+
+    Args:
+        model: the architecture.
+        parallel, precision, recompute: the run's sections (default: each section's defaults).
+        virtual_pipeline_size: virtual stages per pipeline rank (``RunPlan.virtual_pipeline_size``),
+            required with ``--num-layers-per-virtual-pipeline-stage``.
+    """
     from megatron.core.transformer import TransformerConfig
 
+    from ..compat.local_spec import batch_p2p_comm
+
+    parallel, precision, recompute = parallel or ParallelConfig(), precision or PrecisionConfig(), recompute or RecomputeConfig()
+
+    if parallel.num_layers_per_virtual_pipeline_stage and virtual_pipeline_size is None:
+        raise ValueError("--num-layers-per-virtual-pipeline-stage: pass the plan's virtual_pipeline_size (sampo_megatron/plan.py)")
     on_gpu = torch.cuda.is_available()
-    dtype = params_dtype(training)
-    vp_size = None
-    if parallel.num_layers_per_virtual_pipeline_stage:
-        per_stage = model.num_layers // parallel.pipeline_model_parallel_size
-        if per_stage % parallel.num_layers_per_virtual_pipeline_stage:
-            raise ValueError(
-                f"layers per pipeline stage ({per_stage}) is not divisible by "
-                f"--num-layers-per-virtual-pipeline-stage {parallel.num_layers_per_virtual_pipeline_stage}"
-            )
-        vp_size = per_stage // parallel.num_layers_per_virtual_pipeline_stage
+    dtype = params_dtype(precision)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -145,22 +79,22 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vp_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=training.bf16,
-        fp16=training.fp16,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
         use_cpu_initialization=not on_gpu,
-        fp8=training.fp8_format,
-        fp8_recipe=training.fp8_recipe,
-        first_last_layers_bf16=training.first_last_layers_bf16,
-        num_layers_at_start_in_bf16=training.num_layers_at_start_in_bf16,
-        num_layers_at_end_in_bf16=training.num_layers_at_end_in_bf16,
-        recompute_granularity=training.recompute_granularity,
-        recompute_method=training.recompute_method,
-        recompute_num_layers=training.recompute_num_layers,
+        fp8=precision.fp8_format,
+        fp8_recipe=precision.fp8_recipe,
+        first_last_layers_bf16=precision.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16,
+        recompute_granularity=recompute.recompute_granularity,
+        recompute_method=recompute.recompute_method,
+        recompute_num_layers=recompute.recompute_num_layers,
         # Fused kernels need apex / TE / CUDA.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -168,8 +102,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, training: T
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
-        # Batched p2p on gloo gave wrong gradients with interleaving (docs/compatibility.md).
-        batch_p2p_comm=on_gpu,
+        batch_p2p_comm=batch_p2p_comm(),  # compat/local_spec.py
     )
 
 
@@ -214,66 +147,6 @@ def _with_core_attention(spec, core_attention):
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
-class SequenceParallelTorchNorm:
-    """megatron-core's torch norm (``WrappedTorchNorm``: ``torch.nn.LayerNorm`` / ``RMSNorm``) with
-    sequence parallelism.
-
-    ``WrappedTorchNorm`` (what the local spec uses for RMSNorm, and for LayerNorm without Apex)
-    asserts on ``sequence_parallel`` (``transformer/torch_norm.py:32``). A norm acts per token, so its
-    forward is already right on a sequence-sharded input; only its parameters' gradients are partial
-    sums over each TP rank's tokens. Marking the parameters ``sequence_parallel`` (as Apex's
-    ``FusedLayerNorm`` and TE's norms do) makes ``finalize_model_grads`` all-reduce them over TP
-    (``distributed/finalize_model_grads.py:354``).
-    """
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        local = copy.copy(config)  # WrappedTorchNorm's checks minus sequence parallelism
-        local.sequence_parallel = False
-        norm = WrappedTorchNorm(local, hidden_size, eps, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm
-
-
-def _with_sequence_parallel_norms(spec, config, vp_stage: int | None):
-    """The block spec for ``spec``'s layers with every ``WrappedTorchNorm`` (the layers' and the
-    final norm, which megatron-core picks itself, ``transformer_block.py:258``) replaced by
-    :class:`SequenceParallelTorchNorm`. Specs whose norms support sequence parallelism (Transformer
-    Engine, Apex) are returned unchanged."""
-    from megatron.core.transformer import transformer_block
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    submodules = spec.submodules
-    norms = {
-        f.name: SequenceParallelTorchNorm
-        for f in dataclasses.fields(submodules)
-        if getattr(submodules, f.name) is WrappedTorchNorm
-    }
-    final_norm = transformer_block.LayerNormImpl
-    if not norms and final_norm is not WrappedTorchNorm:
-        return spec
-    layer = dataclasses.replace(spec, submodules=dataclasses.replace(submodules, **norms))
-    return transformer_block.TransformerBlockSubmodules(
-        layer_specs=[layer] * transformer_block.get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=SequenceParallelTorchNorm if final_norm is WrappedTorchNorm else final_norm,
-    )
-
-
-def _cast_float32_params(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give fp32 parameters of a bf16/fp16 model the model's dtype, as Megatron-LM's ``Float16Module``
-    does: the local spec's torch (and Apex) norms are built in fp32 whatever ``params_dtype`` says,
-    and megatron's fp16/bf16 optimizer cannot checkpoint fp32 parameters of a 16-bit model
-    (``optimizer.py:812`` maps only its float16 groups: "Param id .. does not match any model
-    sharded param")."""
-    if dtype == torch.float32:
-        return
-    for param in chunk.parameters():
-        if param.dtype == torch.float32:
-            param.data = param.data.to(dtype)
-
-
 def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: int) -> list[torch.nn.Module]:
     """This rank's GPTModel chunks: one per virtual pipeline stage (one without interleaving).
 
@@ -286,9 +159,9 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    problem = attention_window_problem(model, seq_length)
-    if problem:
-        raise ValueError(problem)
+    from ..compat.local_spec import cast_float32_params, check_local_spec, with_sequence_parallel_norms
+
+    check_local_spec()
     spec = layer_spec(model)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -296,7 +169,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
         stage = vp_stage if vp_size else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=_with_sequence_parallel_norms(spec, config, stage) if config.sequence_parallel else spec,
+            transformer_layer_spec=with_sequence_parallel_norms(spec, config, stage) if config.sequence_parallel else spec,
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -310,7 +183,7 @@ def build_model_chunks(model: ModelConfig, config, vocab_size: int, seq_length: 
             vp_stage=stage,
         )
         chunk.vp_stage = stage
-        _cast_float32_params(chunk, config.params_dtype)
+        cast_float32_params(chunk, config.params_dtype)  # compat/local_spec.py
         if torch.cuda.is_available():
             # As megatron's get_model: modules that allocate outside megatron's device logic (the
             # local spec's torch norms) start on the CPU; the optimizer and DDP need every parameter here.

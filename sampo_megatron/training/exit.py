@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import TrainingConfig
+from ..config import OperationsConfig
 from .early_signals import SIGNALS, release_early
 
 
@@ -28,19 +28,19 @@ class ExitConditions:
     """The early-exit conditions of a run.
 
     Args:
-        training: the flags (``exit_signal_handler``, ``exit_duration_in_mins``, ``exit_interval``).
+        operations: the flags (``exit_signal_handler``, ``exit_duration_in_mins``, ``exit_interval``).
         start: the run's start (``time.monotonic()``), for the duration budget.
         device: where the all-reduce's tensor lives (the GPU under NCCL).
     """
 
-    def __init__(self, training: TrainingConfig, start: float | None = None, device: torch.device | None = None) -> None:
-        self.training = training
+    def __init__(self, operations: OperationsConfig, start: float | None = None, device: torch.device | None = None) -> None:
+        self.operations = operations
         self.device = device or torch.device("cpu")
         self.start = time.monotonic() if start is None else start
         early = release_early()  # signals recorded during start-up (training/early_signals.py)
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
-        if training.exit_signal_handler:
+        if operations.exit_signal_handler:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
             self.received.extend(early)
@@ -53,12 +53,12 @@ class ExitConditions:
 
     @property
     def enabled(self) -> bool:
-        t = self.training
+        t = self.operations
         return bool(t.exit_signal_handler or t.exit_duration_in_mins is not None or t.exit_interval)
 
     def local_reason(self, iteration: int) -> str | None:
         """Why this rank would stop after ``iteration`` (1-based, the step just finished), or None."""
-        t = self.training
+        t = self.operations
         if self.received:
             return f"{signal.Signals(self.received[0]).name} received"
         if t.exit_duration_in_mins is not None and time.monotonic() - self.start >= 60 * t.exit_duration_in_mins:
@@ -79,7 +79,7 @@ class ExitConditions:
         # budget, then the step budget; a signal may reach only some ranks, clocks differ).
         code = torch.tensor([_code(reason)], dtype=torch.int64, device=self.device)
         dist.all_reduce(code, op=dist.ReduceOp.MAX, group=group)
-        return reason if _code(reason) == int(code) else _reason_of(int(code), self.training)
+        return reason if _code(reason) == int(code) else _reason_of(int(code), self.operations)
 
     def restore(self) -> None:
         """Put back the signal handlers that were there before."""
@@ -97,11 +97,11 @@ def _code(reason: str | None) -> int:
     return 2 if "duration" in reason else 1
 
 
-def _reason_of(code: int, training: TrainingConfig) -> str | None:
+def _reason_of(code: int, operations: OperationsConfig) -> str | None:
     """The text of another rank's reason (its signal's name is not known here)."""
     return {
         0: None,
-        1: f"--exit-interval {training.exit_interval} reached",
-        2: f"--exit-duration-in-mins {training.exit_duration_in_mins:g} reached",
+        1: f"--exit-interval {operations.exit_interval} reached",
+        2: f"--exit-duration-in-mins {operations.exit_duration_in_mins:g} reached",
         3: "a signal was received (on another rank)",
     }[code]

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data import DataOptions, MicroBatch, PairBatches, PairDataset, load_pairs
+from ..plan import RunPlan
 from ..runtime.distributed import ParallelInfo
-from ..validation import packing_enabled
 from .reference_cache import pairs_fingerprint
 from .run_config import data_fingerprint
 
@@ -45,13 +45,13 @@ class StepFeed:
     step: a resumed run gets exactly the data an uninterrupted one would have).
 
     Args:
-        cfg: the run's configuration.
+        plan: the run's resolved plan (its tokenizer, the model's vocabulary: a token id beyond it is
+            a bad record; whether micro-batches are packed).
         par: this rank's place in the layout.
-        tokenizer: the run's tokenizer.
-        model_vocab: the model's vocabulary (a token id beyond it is a bad record).
     """
 
-    def __init__(self, cfg: RunConfig, par: ParallelInfo, tokenizer, model_vocab: int) -> None:
+    def __init__(self, plan: RunPlan, par: ParallelInfo) -> None:
+        cfg, tokenizer, model_vocab = plan.config, plan.tokenizer, plan.vocab_size
         d, tr = cfg.data, cfg.training
         options = DataOptions(
             tr.seq_length, d.data_format, d.prompt_template, d.on_bad_record, d.min_response_tokens, d.data_split,
@@ -65,7 +65,7 @@ class StepFeed:
         self.par = par
         self.micro_batch_size = tr.micro_batch_size
         self.num_pairs = len(pairs)
-        pack_capacity = 2 * tr.micro_batch_size * tr.seq_length if packing_enabled(cfg) else None
+        pack_capacity = 2 * tr.micro_batch_size * tr.seq_length if plan.pack_sequences else None
         self.batches = PairBatches(PairDataset(pairs, tr.seed), tr.global_batch_size, tr.seq_length, tokenizer.pad_id,
                                    pad_to_multiple_of=pad_multiple(cfg), pack_capacity=pack_capacity)  # fmt: skip
         self.train_iters = tr.train_iters if tr.train_iters is not None else tr.train_epochs * self.batches.steps_per_epoch

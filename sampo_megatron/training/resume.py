@@ -15,7 +15,14 @@ from typing import Callable
 
 from ..config import RunConfig
 from ..models.weights import initialize_deterministically
-from ..runtime.checkpointing import CheckpointContents, check_optimizer_state, has_key, load_checkpoint, resolve_checkpoint
+from ..runtime.checkpointing import (
+    CheckpointContents,
+    CheckpointLoadError,
+    check_optimizer_state,
+    has_key,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from .run_config import check_resume, read_run_config
 
 
@@ -62,7 +69,7 @@ def start(cfg: RunConfig, chunks: list, optimizer, scheduler, reward_mean, *, se
         message: prints on one rank.
 
     Raises:
-        FileNotFoundError: ``--load`` holds no checkpoint.
+        CheckpointLoadError: ``--load`` holds no checkpoint.
         ConfigChangeError: a resume would change the objective, the data or (without
             ``--override-opt-param-scheduler``) the schedule.
     """
@@ -72,7 +79,7 @@ def start(cfg: RunConfig, chunks: list, optimizer, scheduler, reward_mean, *, se
             resuming = candidate == cfg.checkpoint.save or (not cfg.checkpoint.finetune and has_key(ckpt, "run_state"))
             break
     if ckpt is None and cfg.checkpoint.load:
-        raise FileNotFoundError(f"--load {cfg.checkpoint.load}: no checkpoint there")
+        raise CheckpointLoadError(f"--load {cfg.checkpoint.load}: no checkpoint there")
 
     state = RunState()
     if ckpt is None:
@@ -84,8 +91,7 @@ def start(cfg: RunConfig, chunks: list, optimizer, scheduler, reward_mean, *, se
     else:
         for line in check_resume(read_run_config(ckpt), run_record, ckpt, cfg.checkpoint.override_opt_param_scheduler):
             message(line)
-        tr = cfg.training
-        check_optimizer_state(ckpt, cfg.parallel.use_distributed_optimizer, tr.bf16 or tr.fp16)
+        check_optimizer_state(ckpt, cfg.parallel.use_distributed_optimizer, cfg.precision.bf16 or cfg.precision.fp16)
         common = _timed(message, ckpt, "", lambda: load_checkpoint(ckpt, chunks, CheckpointContents(optimizer=optimizer), dp_group))
         state = RunState(**common["run_state"])
         scheduler.load_state_dict(common["scheduler"])
@@ -113,9 +119,9 @@ def _timed(message: Callable[[str], None], ckpt: str, what: str, load: Callable[
 def _apply_optimizer_flags(cfg: RunConfig, optimizer) -> None:
     """--override-opt-param-scheduler: Adam's hyper-parameters from the flags, not the checkpoint's
     param groups (the scheduler sets learning rate and weight decay at every step)."""
-    tr = cfg.training
+    opt = cfg.optimizer
     for group in optimizer.param_groups:
         if "betas" in group:
-            group["betas"] = (tr.adam_beta1, tr.adam_beta2)
+            group["betas"] = (opt.adam_beta1, opt.adam_beta2)
         if "eps" in group:
-            group["eps"] = tr.adam_eps
+            group["eps"] = opt.adam_eps

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..config import RunConfig
+from ..config.schema import TRAINING_SPLIT
 
 RUN_CONFIG_FILE = "run_config.json"
 FORMAT = "sampo-run-config"
@@ -29,9 +30,10 @@ OBJECTIVE = frozenset({"reference.ref_load", "reference.ref_update"})
 DATA = frozenset({"training.seq_length", "training.seed", "training.global_batch_size", "derived.num_pairs",
                   "derived.data_fingerprint", "derived.tokenizer_fingerprint"})  # fmt: skip
 SCHEDULE = frozenset(
-    f"training.{name}" for name in ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "train_iters", "train_epochs",
-                                    "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
-)  # fmt: skip
+    {"training.train_iters", "training.train_epochs"}
+    | {f"optimizer.{name}" for name in ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")}
+    | {f"schedule.{name}" for name in ("min_lr", "lr_warmup_fraction", "lr_decay_style")}
+)
 
 
 class ConfigChangeError(ValueError):
@@ -81,8 +83,16 @@ def read_run_config(ckpt_dir: str) -> dict | None:
         return json.load(f)
 
 
+def _section(section: str, name: str) -> str:
+    """The section of a saved field now: a ``run_config.json`` written before the training flags were
+    split into sections (optimizer, schedule, precision, recompute, operations) has them under training."""
+    return TRAINING_SPLIT.get(name, section) if section == "training" else section
+
+
 def _flatten(record: dict) -> dict[str, object]:
-    flat = {f"{section}.{name}": value for section, fields in record["config"].items() for name, value in fields.items()}
+    flat = {
+        f"{_section(section, name)}.{name}": value for section, fields in record["config"].items() for name, value in fields.items()
+    }
     flat.update({f"derived.{name}": value for name, value in record.get("derived", {}).items()})
     return flat
 

@@ -17,16 +17,15 @@ import os
 import time
 from functools import partial
 
-from ..config import RunConfig
-from ..data import load_tokenizer
+import torch.distributed as dist
+
 from ..data.tokenizer import copy_tokenizer_into
 from ..losses import LOSSES, RunningMean
 from ..models.architecture import model_architecture, run_architecture, write_architecture
-from ..models.gpt import check_fp8_available, model_vocab_sizes, transformer_config
-from ..runtime.builders import build_chunks, build_optimizer, build_scheduler, resolve_architecture, wrap_ddp
+from ..plan import RunPlan
+from ..runtime.builders import build_chunks, build_optimizer, build_scheduler, run_transformer_config, wrap_ddp
 from ..runtime.checkpointing import CheckpointContents, select_checkpoint
 from ..runtime.distributed import close_distributed, init_distributed, init_model_parallel, rank0_print
-from ..validation import check_tokenizer_matches_checkpoint, packing_enabled, validate_or_raise
 from .exit import ExitConditions
 from .feed import StepFeed, schedule_seq_length
 from .metrics import MetricsLogger, peak_memory_gib, reduce_step_metrics
@@ -46,21 +45,22 @@ CHECKPOINT_TOKENIZER_DIR = "tokenizer"
 
 
 class Trainer:
-    """Builds everything from a :class:`RunConfig`; :meth:`train` runs the loop, :meth:`close` ends it."""
+    """Builds everything from a resolved :class:`RunPlan`; :meth:`train` runs the loop, :meth:`close` ends it."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan) -> None:
+        if not isinstance(plan, RunPlan):
+            raise TypeError(f"Trainer takes a RunPlan, got {type(plan).__name__}: Trainer(resolve(cfg)) (sampo_megatron/plan.py)")
+        self.plan = plan
+        self.cfg = cfg = plan.config  # frozen: nothing below changes what the plan decided
         # first: a signal during start-up is recorded too (the run stops after its first step)
-        self.exits = ExitConditions(cfg.training)
+        self.exits = ExitConditions(cfg.operations)
         self.run_lock = None
         try:  # a failed start leaves nothing behind either (signal handlers, lock, process groups)
-            self.architecture = resolve_architecture(cfg)
-            cfg.training.pack_sequences = packing_enabled(cfg)  # the default depends on the model (above)
-            validate_or_raise(cfg)
-            check_fp8_available(cfg.model, cfg.training)
             init_distributed()
-            self.tconfig = transformer_config(cfg.model, cfg.parallel, cfg.training)
-            self.par = init_model_parallel(cfg.parallel, cfg.training.seed, self.tconfig.virtual_pipeline_model_parallel_size)
+            self.tconfig = run_transformer_config(plan)
+            if dist.get_world_size() != plan.world_size:
+                raise RuntimeError(f"the plan was resolved for {plan.world_size} processes, but {dist.get_world_size()} run")
+            self.par = init_model_parallel(cfg.parallel, cfg.training.seed, plan.virtual_pipeline_size)
             self.exits.device = self.par.device
             self.run_lock = lock_save_dir(cfg.checkpoint.save)
             self._build()
@@ -69,24 +69,15 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        cfg, par = self.cfg, self.par
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
-        check_tokenizer_matches_checkpoint(cfg, self.tokenizer, self.architecture, rank0_print)
-        try:  # a tokenizer bigger than the model is a set-up error: said before any data is read
-            self.vocab_size, vocab_padded = model_vocab_sizes(
-                cfg.model, self.tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size
-            )
-        except ValueError as e:
-            raise ValueError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from None
-        self.feed = StepFeed(cfg, par, self.tokenizer, self.vocab_size)
+        cfg, par, plan = self.cfg, self.par, self.plan
+        self.tokenizer, self.vocab_size = plan.tokenizer, plan.vocab_size
+        self.feed = StepFeed(plan, par)
         self.train_iters = self.feed.train_iters
         rank0_print(format_config(cfg))
-        self.chunks = build_chunks(cfg, vocab_padded, self.tconfig)
+        self.chunks = build_chunks(plan, self.tconfig)
         self.model = wrap_ddp(cfg, self.tconfig, self.chunks)
         self.optimizer = build_optimizer(cfg, self.tconfig, self.model)
-        self.scheduler = build_scheduler(
-            cfg.training, self.optimizer, self.train_iters, cfg.checkpoint.override_opt_param_scheduler
-        )
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
         self.reward_mean = RunningMean(group=par.dp_group)
         self.ctx = StepContext(
             cfg.loss, par.tp_group, self.vocab_size, self.reward_mean, par.cp_group, cfg.training.response_logits_only
@@ -94,7 +85,7 @@ class Trainer:
         begin = start(cfg, self.chunks, self.optimizer, self.scheduler, self.reward_mean, select=self._select,
                       run_record=self._run_record(), vocab_size=self.vocab_size, dp_group=par.dp_cp_group, message=rank0_print)  # fmt: skip
         self.state, self.resumed_from = begin.state, begin.resumed_from
-        self.reference = self._make_reference(vocab_padded)
+        self.reference = self._make_reference()
         self.reference.restore(self.resumed_from)
         if LOSSES[cfg.loss.loss_type].needs_token_kl:  # TDPO (validation allows only the replica)
             self.ctx.ref_output_weight = self.reference.output_weight
@@ -111,11 +102,11 @@ class Trainer:
             self.monitor = VerbosityMonitor(cfg, self.tokenizer, self.vocab_size, self.model, self.reference.chunks, self.ctx, par,
                                             self.logger.message)  # fmt: skip
 
-    def _make_reference(self, vocab_padded: int) -> Reference:
+    def _make_reference(self) -> Reference:
         cfg = self.cfg
         env = ReferenceEnv(
             ctx=self.ctx, par=self.par, seq_length=cfg.training.seq_length, vocab_size=self.vocab_size, policy=self.model,
-            new_chunks=lambda: build_chunks(cfg, vocab_padded, frozen=True), select=self._select, message=rank0_print,
+            new_chunks=lambda: build_chunks(self.plan, frozen=True), select=self._select, message=rank0_print,
             micro_batches=lambda step: self.feed.micro_batches(step)[1], steps_per_epoch=self.feed.steps_per_epoch,
             iterative=cfg.reference.ref_update == "epoch",
         )  # fmt: skip
@@ -187,7 +178,7 @@ class Trainer:
         return metrics
 
     def _nonfinite(self, step: int, losses_reduced: list[dict]) -> list[str]:
-        if not self.cfg.training.check_for_nan_in_loss_and_grad:
+        if not self.cfg.operations.check_for_nan_in_loss_and_grad:
             return []
         local = [float(v) for out in losses_reduced for v in out["sums"].values()] if self.par.is_last_stage else []
         return nonfinite_parts(step + 1, self.model, local)
@@ -196,7 +187,7 @@ class Trainer:
         """Stop (or count a skipped step) on a non-finite step; warn of a vanished gradient."""
         if nonfinite:
             metrics["nonfinite"] = " and ".join(nonfinite)
-            if not self.cfg.training.skip_nonfinite_steps:
+            if not self.cfg.operations.skip_nonfinite_steps:
                 self.logger.log(step + 1, metrics)
                 raise NonFiniteError(nonfinite_message(step + 1, nonfinite))
             self.state.skipped_steps += 1
@@ -225,7 +216,7 @@ class Trainer:
         keeps it), the architecture (for --load without flags and the HF export) and the resolved
         configuration (compared on resume)."""
         tokenizer = copy_tokenizer_into(self.cfg.data.tokenizer_model, os.path.join(ckpt, CHECKPOINT_TOKENIZER_DIR))
-        arch = run_architecture(self.cfg, self.vocab_size, self.architecture, self.tconfig.params_dtype)
+        arch = run_architecture(self.cfg, self.vocab_size, self.plan.architecture, self.tconfig.params_dtype)
         arch.tokenizer = tokenizer
         write_architecture(ckpt, arch)
         write_run_config(ckpt, self._run_record())
@@ -293,10 +284,10 @@ class Trainer:
         close_distributed(barrier=synchronize)
 
 
-def run(cfg: RunConfig) -> None:
-    """Train ``cfg`` to the end; the metrics file, the run lock and the process groups are released
+def run(plan: RunPlan) -> None:
+    """Train ``plan`` to the end; the metrics file, the run lock and the process groups are released
     whatever happens."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(plan)
     completed = False
     try:
         trainer.train()

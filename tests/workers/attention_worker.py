@@ -37,7 +37,7 @@ def build(local_attention: str, tp: int, sp: bool):
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(7)
-    config = transformer_config(model, parallel, training)
+    config = transformer_config(model, parallel)
     (chunk,) = build_model_chunks(model, config, VOCAB, training.seq_length)
     return chunk
 

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from sampo_megatron.compat import apply_cpu_compat, model_parallel_manual_seed
-from sampo_megatron.config import ParallelConfig, TrainingConfig
+from sampo_megatron.config import ParallelConfig
 from sampo_megatron.models.architecture import ARCHITECTURE_FILE, read_architecture
-from sampo_megatron.models.gpt import build_model_chunks, model_vocab_sizes, transformer_config
+from sampo_megatron.models.gpt import build_model_chunks, padded_vocab_size, transformer_config
 from sampo_megatron.runtime.checkpointing import CheckpointContents, load_checkpoint, save_checkpoint
 from sampo_megatron.runtime.distributed import close_distributed, init_distributed, reset_megatron_state
 
@@ -86,8 +86,8 @@ def run_case(root: str, case: str, tp: int, pp: int, tokens: torch.Tensor, resav
     ckpt = os.path.join(root, case, f"mg_tp{tp}")
     model = read_architecture(ckpt).model_config()
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    config = transformer_config(model, parallel, TrainingConfig())
-    _, padded = model_vocab_sizes(model, model.vocab_size, tp)
+    config = transformer_config(model, parallel)
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     seq = tokens.shape[1]
     chunks = build_model_chunks(model, config, padded, seq)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -13,6 +13,7 @@ import torch
 from convert_logits_worker import forward_logits, is_writer
 
 from sampo_megatron.config import parse_config
+from sampo_megatron.plan import resolve
 from sampo_megatron.training.trainer import Trainer
 
 
@@ -23,7 +24,7 @@ def main() -> None:
         i = argv.index(flag)
         own[flag] = argv[i + 1]
         del argv[i : i + 2]
-    trainer = Trainer(parse_config(argv))
+    trainer = Trainer(resolve(parse_config(argv)))
     tokens = torch.load(own["--tokens"])
     policy = forward_logits(trainer.chunks, tokens)
     reference = forward_logits(trainer.reference.chunks, tokens)

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from sampo_megatron.config import parse_config
-from sampo_megatron.planning.dry_run import layout_from_config, model_shape
+from sampo_megatron.plan import resolve
+from sampo_megatron.planning.dry_run import model_shape
 from sampo_megatron.planning.memory import plan_memory
 from sampo_megatron.runtime.distributed import close_distributed, reset_megatron_state
 from sampo_megatron.training.trainer import Trainer
@@ -59,10 +60,12 @@ def main() -> None:
         cfg = parse_config(base + flags)
         gc.collect()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer = Trainer(cfg)
+            run_plan = resolve(cfg)
+            trainer = Trainer(run_plan)
             trainer.train()
         world = dist.get_world_size()
-        plan = plan_memory(model_shape(cfg), layout_from_config(cfg, world))
+        assert run_plan.world_size == world
+        plan = plan_memory(model_shape(run_plan.config, run_plan.vocab_size), run_plan.layout)
         results[name] = {
             "measured": peak_allocated(prof),
             "predicted": plan.total,

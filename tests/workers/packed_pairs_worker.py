@@ -27,6 +27,7 @@ import torch.distributed as dist
 from sampo_megatron.config import parse_config
 from sampo_megatron.losses import PreferenceInputs, preference_loss
 from sampo_megatron.models import weights
+from sampo_megatron.plan import resolve
 from sampo_megatron.training import step as step_fns
 from sampo_megatron.training.feed import schedule_seq_length
 from sampo_megatron.training.trainer import Trainer
@@ -123,7 +124,7 @@ def one_step(trainer: Trainer, pairs: dict) -> tuple[dict[str, torch.Tensor], bo
 def main() -> None:
     out = sys.argv[sys.argv.index("--out") + 1]
     flags = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"]
-    trainer = Trainer(parse_config(flags))
+    trainer = Trainer(resolve(parse_config(flags)))
     perturb_policy(trainer)
     batches = trainer.feed.batches
     capacity = 2 * trainer.cfg.training.micro_batch_size * trainer.cfg.training.seq_length

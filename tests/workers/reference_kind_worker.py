@@ -9,13 +9,14 @@ import sys
 import torch.distributed as dist
 
 from sampo_megatron.config import parse_config
+from sampo_megatron.plan import resolve
 from sampo_megatron.training.trainer import Trainer
 
 
 def main() -> None:
     out = sys.argv[sys.argv.index("--out") + 1]
     flags = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"]
-    trainer = Trainer(parse_config(flags))
+    trainer = Trainer(resolve(parse_config(flags)))
     result = {"reference": type(trainer.reference).__name__, "reference_chunks": trainer.reference.chunks is not None}
     trainer.train()
     if dist.get_rank() == 0:

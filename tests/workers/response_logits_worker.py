@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from sampo_megatron.compat import apply_cpu_compat, model_parallel_manual_seed
-from sampo_megatron.config import ModelConfig, ParallelConfig, TrainingConfig
+from sampo_megatron.config import ModelConfig, ParallelConfig
 from sampo_megatron.models.gpt import build_model_chunks, transformer_config
 from sampo_megatron.models.response_logits import install_output_selection
 from sampo_megatron.models.weights import initialize_deterministically
@@ -45,9 +45,7 @@ def run(sequence_parallel: bool, compact: bool, tp_group) -> tuple[torch.Tensor,
     model_cfg = ModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, make_vocab_size_divisible_by=8
     )
-    config = transformer_config(
-        model_cfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel), TrainingConfig()
-    )
+    config = transformer_config(model_cfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=sequence_parallel))
     (chunk,) = build_model_chunks(model_cfg, config, VOCAB, SEQ)
     initialize_deterministically([chunk], seed=SEED, vocab_size=VOCAB)
     install_output_selection(chunk)

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from sampo_megatron.config import parse_config
+from sampo_megatron.plan import resolve
 from sampo_megatron.training.trainer import Trainer
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     flags = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"]
     cfg = parse_config(flags)
     assert cfg.loss.length_debias == "none" and cfg.parallel.tensor_model_parallel_size == 1
-    trainer = Trainer(cfg)
+    trainer = Trainer(resolve(cfg))
     beta, alpha = cfg.loss.beta, cfg.loss.tdpo_alpha
     kl_weight = 1.0 if cfg.loss.loss_type == "tdpo1" else alpha
     _, micro_batches = trainer.feed.micro_batches(0)

@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 
 from sampo_megatron.config import parse_config
+from sampo_megatron.plan import resolve
 from sampo_megatron.training.trainer import Trainer
 
 
 def main() -> None:
     out = sys.argv[sys.argv.index("--out") + 1]
     flags = [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and sys.argv[i] != "--out"]
-    trainer = Trainer(parse_config(flags))
+    trainer = Trainer(resolve(parse_config(flags)))
     before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in trainer.reference.chunks]
     policy_before = [{n: p.detach().clone() for n, p in chunk.named_parameters()} for chunk in trainer.chunks]
     optimizer_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -1,28 +1,24 @@
-"""Typed run configuration and its Megatron-style command line.
+"""The run configuration's schema: one dataclass per section, one field per flag.
 
-Every field of the dataclasses below is a flag: ``tensor_model_parallel_size`` is
-``--tensor-model-parallel-size``; a bool field is a switch (``--bf16``) with a ``--no-`` form. Help
-text comes from the attribute docstrings. ``--config FILE.yaml`` takes the same names as keys
-(dashes or underscores); flags given on the command line override the file.
+Every field is a flag (config/parsing.py builds the command line from them):
+``tensor_model_parallel_size`` is ``--tensor-model-parallel-size``, a bool field is a switch
+(``--bf16``) with a ``--no-`` form, and the attribute docstring under a field is its help. Field
+names are unique across sections (they are the flags and the ``--config`` YAML keys), except
+``loss.seed``, which is the run's ``--seed``.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from .losses.config import LossConfig
+from ..frozen import Freezable
+from ..losses.config import LossConfig
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     """A decoder-only transformer (megatron-core GPTModel): Llama-style by default, GPT-NeoX with
     ``parallel_residual``, LayerNorm, GELU and ``add_bias_linear``. A converted checkpoint carries
     these fields (``sampo_model.json``), so ``--load`` sets them."""
@@ -80,7 +76,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Freezable):
     tensor_model_parallel_size: int = 1
     """Tensor-parallel size (splits heads, MLP and vocabulary)."""
     pipeline_model_parallel_size: int = 1
@@ -96,7 +92,9 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Freezable):
+    """Batches, sequence length, run length, seed and what a micro-batch holds."""
+
     micro_batch_size: int = 1
     """Preference pairs per micro-batch (each pair is two sequences: chosen and rejected)."""
     global_batch_size: int = 8
@@ -107,14 +105,28 @@ class TrainingConfig:
     """Optimizer steps to run (or give --train-epochs)."""
     train_epochs: int | None = None
     """Epochs over the data to run (or give --train-iters)."""
+    seed: int = 1234
+    """Seed for initialisation, data order and SamPO draws."""
+    variable_seq_lengths: bool = True
+    """Pad each micro-batch only to its longest sequence (rounded up to a multiple of 8, of the TP
+    size with --sequence-parallel and of 2 x CP) instead of --seq-length; pipeline-parallel runs
+    (PP > 1) always pad to --seq-length."""
+    pack_sequences: bool | None = None
+    """Lay the sequences of several whole pairs end to end in micro-batches of 2 x
+    --micro-batch-size x --seq-length tokens (THD, attention confined to each sequence) instead of
+    padding each sequence: the same per-pair losses with little padding (docs/packing.md). Neither
+    flag: on with the local spec where packing can run, off with the Transformer Engine spec."""
+    response_logits_only: bool = True
+    """Project through the output layer only the positions whose target is a response token (no
+    logits at prompt or padding positions)."""
+
+
+@dataclass
+class OptimizerConfig(Freezable):
+    """AdamW (megatron-core's Adam with decoupled weight decay) and gradient clipping."""
+
     lr: float = 1e-6
     """Peak learning rate."""
-    min_lr: float = 0.0
-    """Learning rate at the end of the decay."""
-    lr_warmup_fraction: float = 0.0
-    """Fraction of the steps spent in linear warm-up."""
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "linear"
-    """Decay after warm-up: constant, linear or cosine."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
@@ -125,6 +137,24 @@ class TrainingConfig:
     """AdamW epsilon."""
     clip_grad: float = 1.0
     """Gradient-norm clipping threshold (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig(Freezable):
+    """The learning-rate schedule: linear warm-up from 0 to --lr, then decay to --min-lr at the last step."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_fraction: float = 0.0
+    """Fraction of the steps spent in linear warm-up."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay after warm-up: constant, linear or cosine."""
+
+
+@dataclass
+class PrecisionConfig(Freezable):
+    """Parameter and activation precision, policy and reference replica alike."""
+
     bf16: bool = False
     """bfloat16 parameters and activations with fp32 master weights."""
     fp16: bool = False
@@ -141,6 +171,12 @@ class TrainingConfig:
     """Layers at the start kept in BF16 with --first-last-layers-bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Layers at the end kept in BF16 with --first-last-layers-bf16."""
+
+
+@dataclass
+class RecomputeConfig(Freezable):
+    """Activation recomputation (megatron-core's)."""
+
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation: full (whole layers, with --recompute-method) or selective (core attention)."""
     recompute_method: Literal["uniform", "block"] | None = None
@@ -148,20 +184,12 @@ class TrainingConfig:
     checkpointed chunk) or block (the first --recompute-num-layers layers of each pipeline stage)."""
     recompute_num_layers: int | None = None
     """Layers per recomputed chunk (uniform) or recomputed layers per pipeline stage (block)."""
-    seed: int = 1234
-    """Seed for initialisation, data order and SamPO draws."""
-    variable_seq_lengths: bool = True
-    """Pad each micro-batch only to its longest sequence (rounded up to a multiple of 8, of the TP
-    size with --sequence-parallel and of 2 x CP) instead of --seq-length; pipeline-parallel runs
-    (PP > 1) always pad to --seq-length."""
-    pack_sequences: bool | None = None
-    """Lay the sequences of several whole pairs end to end in micro-batches of 2 x
-    --micro-batch-size x --seq-length tokens (THD, attention confined to each sequence) instead of
-    padding each sequence: the same per-pair losses with little padding (docs/packing.md). Neither
-    flag: on with the local spec where packing can run, off with the Transformer Engine spec."""
-    response_logits_only: bool = True
-    """Project through the output layer only the positions whose target is a response token (no
-    logits at prompt or padding positions)."""
+
+
+@dataclass
+class OperationsConfig(Freezable):
+    """What a run does on a non-finite step, a signal or a time budget."""
+
     check_for_nan_in_loss_and_grad: bool = True
     """Stop the run, before the optimizer step and before any save, at the first step whose loss or
     gradient norm is not finite (NaN or Inf); the latest checkpoint marker keeps naming the last
@@ -179,7 +207,7 @@ class TrainingConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     data_path: str | None = None
     """Preference data: a .jsonl, .json or .parquet file, a datasets save_to_disk directory, or the
     prefix of an indexed dataset written by tools/preprocess_preference_data.py (see docs/data.md)."""
@@ -204,7 +232,7 @@ class DataConfig:
 
 
 @dataclass
-class ReferenceConfig:
+class ReferenceConfig(Freezable):
     ref_mode: Literal["replica", "cache"] = "replica"
     """replica: a frozen copy of the policy runs forward each step; cache: per-token reference
     log-probs are computed once per epoch and read from disk."""
@@ -217,7 +245,7 @@ class ReferenceConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Freezable):
     load: str | None = None
     """Checkpoint directory to start from (a converted model or a run's --save directory)."""
     save: str | None = None
@@ -248,7 +276,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Freezable):
     log_interval: int = 1
     """Print a metrics line every N steps."""
     metrics_file: str | None = None
@@ -266,7 +294,7 @@ class LoggingConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Freezable):
     """The verbosity monitor (training/monitor.py): the policy's own response lengths and held-out
     implicit rewards, logged as eval/* metrics."""
 
@@ -296,7 +324,7 @@ class EvalConfig:
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(Freezable):
     dry_run: bool = False
     """Validate the layout and print the per-GPU memory plan (tools/plan_memory.py), then exit before
     building anything; needs no GPU."""
@@ -307,10 +335,15 @@ class PlanConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Freezable):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -325,181 +358,20 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Every section's fields (the flags); ``explicit_flags`` is not one."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTION_TYPES}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_TYPES}
 
 
-_SECTION_TYPES = {
+SECTION_TYPES = {
     f.name: f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING
 }
-# LossConfig's seed is the run's --seed.
-_SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
+"""Section name -> its dataclass, in ``RunConfig``'s order."""
+SHARED_FIELDS = {("loss", "seed"): ("training", "seed")}
+"""Fields that are another section's flag: LossConfig's seed is the run's --seed."""
 
-
-def _choices() -> dict[str, list[str]]:
-    """Each choice field's values: its ``Literal`` type, or (losses) the registries' names (losses/names.py)."""
-    from .losses.names import LENGTH_DEBIAS, LOSS_TYPES
-
-    choices = {"loss_type": sorted(LOSS_TYPES), "length_debias": sorted(LENGTH_DEBIAS)}
-    for factory in _SECTION_TYPES.values():
-        for f in dataclasses.fields(factory):
-            hint = typing.get_type_hints(factory)[f.name]
-            literal = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal]
-            if literal and f.name not in choices:
-                choices[f.name] = list(typing.get_args(literal[0]))
-    return choices
-
-
-def _attribute_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (what torchtitan calls attribute docstrings)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
-
-
-def _field_type(cls, name: str):
-    """The value type of a field: ``int`` for ``int | None``, ``str`` for a ``Literal`` of strings."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not Literal else [hint]
-    hint = args[0] if args else hint
-    if typing.get_origin(hint) is Literal:
-        return type(typing.get_args(hint)[0])
-    return hint
-
-
-def _flag_fields():
-    """(section, field name, type, help) for every flag."""
-    for section, factory in _SECTION_TYPES.items():
-        docs = _attribute_docs(factory)
-        for f in dataclasses.fields(factory):
-            if (section, f.name) in _SHARED_FIELDS:
-                continue
-            yield section, f.name, _field_type(factory, f.name), docs.get(f.name, "")
-
-
-def _default(f: dataclasses.Field):
-    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return "not set" if value is None else value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SamPO / DPO preference training on megatron-core",
-        argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML file whose keys are these flags' names")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    choices = _choices()
-    defaults = {(section, f.name): _default(f) for section, factory in _SECTION_TYPES.items() for f in dataclasses.fields(factory)}
-    for section, name, ftype, doc in _flag_fields():
-        group = groups.setdefault(section, parser.add_argument_group(section))
-        flag = "--" + name.replace("_", "-")
-        # argument_default=SUPPRESS (so that a --config file's keys are not overridden by defaults)
-        # hides argparse's own "(default: ...)": the dataclass default is written into the help.
-        doc = f"{doc} (default: {defaults[section, name]})"
-        if ftype is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=doc)
-        else:
-            options = choices.get(name)
-            metavar = "{" + ",".join(options) + "}" if options else ftype.__name__.upper()
-            group.add_argument(flag, dest=name, type=ftype, choices=options, metavar=metavar, help=doc)
-    return parser
-
-
-class ConfigFileError(ValueError):
-    """A ``--config`` file that cannot be read, a key with a wrong name, type or value, or a value
-    (from the file or a flag) that its section rejects."""
-
-
-def _load_yaml(path: str) -> tuple[dict, dict[str, int]]:
-    """The file's keys (dashes as underscores) and the line of each key."""
-    import yaml
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    text = Path(path).read_text()
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigFileError(f"{path}: not valid YAML: {problem}{line}") from None
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"{path}: expected a mapping of flag names to values")
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            lines[str(key_node.value).replace("-", "_")] = key_node.start_mark.line + 1
-    return {str(k).replace("-", "_"): v for k, v in data.items()}, lines
-
-
-def _typed_value(path: str, line: str, key: str, value, ftype, choices: list | None):
-    """``value`` as the field's type, or a ConfigFileError that says what YAML read and why it fails
-    (``path: message (line N)``)."""
-    if value is None:
-        return None
-    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif ftype is float and isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            pass
-        else:  # YAML 1.1 reads 1e-6 (no dot) as a string
-            example = f"{float(value):.1e}".replace("e-0", "e-").replace("e+0", "e+")
-            raise ConfigFileError(f"{path}: {key} must be float; YAML reads {value!r} as a string: write it with a dot, "
-                                  f"e.g. {example}{line}")  # fmt: skip
-    if isinstance(value, bool) and ftype is not bool:  # YAML's true is an int to Python; never a number here
-        raise ConfigFileError(f"{path}: {key} must be {ftype.__name__}, got {value!r}{line}")
-    if not isinstance(value, ftype):
-        raise ConfigFileError(f"{path}: {key} must be {ftype.__name__}, got {value!r}{line}")
-    if choices is not None and value not in choices:
-        raise ConfigFileError(f"{path}: {key} must be one of {choices}, got {value!r}{line}")
-    return value
-
-
-def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Build a :class:`RunConfig` from ``--config FILE.yaml`` and command-line flags (flags win).
-
-    Raises:
-        ConfigFileError: the YAML file is malformed, or a key is unknown or has a wrong type or value
-            (the message names file, line and key).
-    """
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))
-    values: dict = {}
-    config_path = given.pop("config", None)
-    known = {name: (section, ftype) for section, name, ftype, _ in _flag_fields()}
-    choices = _choices()
-    if config_path:
-        data, lines = _load_yaml(config_path)
-        for key, value in data.items():
-            line = f" (line {lines[key]})" if key in lines else ""
-            if key not in known:
-                raise ConfigFileError(f"{config_path}: unknown key {key!r}, not a flag of pretrain_sampo.py{line}")
-            values[key] = _typed_value(config_path, line, key, value, known[key][1], choices.get(key))
-    values.update(given)
-
-    sections = {section: {} for section in _SECTION_TYPES}
-    for key, value in values.items():
-        sections[known[key][0]][key] = value
-    for (section, name), (src_section, src_name) in _SHARED_FIELDS.items():
-        if src_name in sections[src_section]:
-            sections[section][name] = sections[src_section][src_name]
-    try:  # a section's own checks (LossConfig's ranges and combinations)
-        built = {section: _SECTION_TYPES[section](**kw) for section, kw in sections.items()}
-    except ValueError as err:  # one problem: one line; several (LossConfigError): one line each, as validation.py lists them
-        problems = getattr(err, "problems", [str(err)])
-        listed = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  - {x}" for x in problems)
-        raise ConfigFileError(f"invalid configuration:{listed}") from None
-    return RunConfig(**built, explicit_flags=frozenset(values))
+TRAINING_SPLIT = {
+    name: section
+    for section in ("optimizer", "schedule", "precision", "recompute", "operations")
+    for name in (f.name for f in dataclasses.fields(SECTION_TYPES[section]))
+}
+"""Fields that were ``training`` fields before the configuration was split into sections -> their
+section now (a ``run_config.json`` written before the split is read with these moved)."""
