@@ -139,6 +139,12 @@ def config_problems(
     fp8 = fp8_unavailable_reason(m, pr, cuda=machine["cuda"], transformer_engine=machine["transformer_engine"])
     window = attention_window_problem(m, tr.seq_length)
     p += [problem for problem in (fp8, window) if problem]
+    if tr.fused_logprobs and not tr.response_logits_only:
+        p.append("--fused-logprobs computes log-probs at the response positions the output layer is given: drop --no-response-logits-only")
+    if tr.fused_logprobs and LOSSES[cfg.loss.loss_type].needs_token_kl:
+        p.append(f"--fused-logprobs does not compute --loss-type {cfg.loss.loss_type}'s per-token KL (it needs both full "
+                 "distributions at every response position) yet: drop --fused-logprobs")  # fmt: skip
+    p += _at_least(tr.fused_logprobs_chunk_size, 1, "--fused-logprobs-chunk-size")
     if LOSSES[cfg.loss.loss_type].needs_token_kl:
         tdpo = f"--loss-type {cfg.loss.loss_type} (TDPO) needs the reference's full-vocabulary distribution at every response position"
         if ref.ref_mode == "cache":

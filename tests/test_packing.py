@@ -59,6 +59,20 @@ def test_a_known_pack_gives_megatron_the_right_thd_fields():
     assert rows[1].tolist() == [8, 9, 10, 0, 0] and rows[3].tolist() == [11, 12, 13, 14, 15]
 
 
+def test_a_step_takes_the_kind_of_micro_batch_its_plan_packs():
+    """Packed or padded is the plan's decision (StepContext.packed), not read from a batch's keys: a
+    micro-batch of the other kind is an error, not a silently different loss scale."""
+    from sampo_megatron.data.batches import collate_pairs
+    from sampo_megatron.training.step import StepContext, _model_logits
+
+    pairs = [PreferencePair(0, [1, 2], [3, 4, 5], [6, 7]), PreferencePair(1, [1], [8, 9], [10, 11, 12])]
+    padded, packed = collate_pairs(pairs, 16, pad_id=0), collate_packed(pairs, 24, pad_id=0)
+    with pytest.raises(RuntimeError, match="a padded micro-batch in a step of packed micro-batches"):
+        _model_logits(StepContext(loss=None, tp_group=None, vocab_size=16, packed=True), padded, model=None)
+    with pytest.raises(RuntimeError, match="a packed micro-batch in a step of padded micro-batches"):
+        _model_logits(StepContext(loss=None, tp_group=None, vocab_size=16), packed, model=None)
+
+
 def test_packed_batches_cover_the_step_and_scale_the_loss_to_the_global_mean():
     pairs = [pair(i, 2, 1 + i % 5, 1 + (3 * i) % 7) for i in range(16)]
     unpacked = PairBatches(PairDataset(pairs, 3), 8, 12, 0, pad_to_multiple_of=1)

@@ -158,6 +158,25 @@ def run_cli(*args):
 
 
 @pytest.mark.multiprocess
+def test_fused_logprobs_plan_holds_no_logits():
+    """--fused-logprobs: two fp32 chunks and the smaller fp32 gradient sum instead of [T, V/TP] logits."""
+    from sampo_megatron.config import parse_config
+    from sampo_megatron.planning.dry_run import layout_from_config
+    from sampo_megatron.planning.memory import _LOGPROB_CHUNK_BYTES, logits_bytes
+
+    shape = PRESETS["llama3-8b"]
+    base = Layout(tp=2, seq_length=8192, param_bytes=2)
+    fused = Layout(tp=2, seq_length=8192, param_bytes=2, fused_logprobs=True)
+    tokens, vocab_local = 2 * 8192, 128256 // 2
+    inputs = 2 * tokens * shape.hidden_size * 2
+    chunk = max(1, min(_LOGPROB_CHUNK_BYTES // (4 * vocab_local), -(-tokens // 8)))
+    assert logits_bytes(shape, base) == tokens * vocab_local * 2 + chunk * vocab_local * 4 + inputs
+    assert logits_bytes(shape, fused) == 2 * chunk * vocab_local * 4 + tokens * shape.hidden_size * 4 + inputs
+    assert logits_bytes(shape, fused) < logits_bytes(shape, base) / 3
+    assert layout_from_config(parse_config(["--fused-logprobs"]), 1).fused_logprobs
+    assert "fused-logprobs" in fused.describe()
+
+
 def test_plan_memory_tool_and_dry_run_of_the_72b_recipe():
     tool = run_cli("tools/plan_memory.py", "--model", "qwen1.5-72b", "--tensor-model-parallel-size", "8",
                    "--pipeline-model-parallel-size", "4", "--world-size", "64", "--seq-length", "2048", "--bf16",

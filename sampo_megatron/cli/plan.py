@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="16-bit weights (else fp32)")
     p.add_argument("--ref-mode", choices=["replica", "cache"], default="replica")
+    p.add_argument("--fused-logprobs", action="store_true", help="log-probs from the hidden states, no logits (as the trainer's flag)")
     p.add_argument("--loss-type", default="sigmoid",
                    help=f"the run's loss; {' and '.join(TOKEN_KL_LOSSES)} (TDPO) keep the reference's hidden states and logits")  # fmt: skip
     p.add_argument(
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         recompute_num_layers=args.recompute_num_layers, fp8=args.fp8_format,
         bf16_layers=args.num_layers_at_start_in_bf16 + args.num_layers_at_end_in_bf16 if args.first_last_layers_bf16 else 0,
         param_bytes=2 if args.bf16 else 4, ref_mode=args.ref_mode, token_kl=args.loss_type in TOKEN_KL_LOSSES,
-        attention=attention_kind(args.transformer_impl, args.local_attention),
+        attention=attention_kind(args.transformer_impl, args.local_attention), fused_logprobs=args.fused_logprobs,
     )  # fmt: skip
     if args.search:
         plans = search_layouts(shape, layout, world, min(args.gpus_per_node, world), args.gpu_memory_gib)

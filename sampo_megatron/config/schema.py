@@ -119,6 +119,12 @@ class TrainingConfig(Freezable):
     response_logits_only: bool = True
     """Project through the output layer only the positions whose target is a response token (no
     logits at prompt or padding positions)."""
+    fused_logprobs: bool = False
+    """Compute the response tokens' log-probs straight from the final hidden states and the output
+    weight, a chunk of positions at a time (ops/fused_logprobs.py): no [n, V/TP] logits exist in
+    forward or backward. Needs --response-logits-only."""
+    fused_logprobs_chunk_size: int | None = None
+    """Positions per chunk of --fused-logprobs; default: ~32 MiB of fp32 logits per chunk."""
 
 
 @dataclass

@@ -9,7 +9,9 @@ returns ``[1, n, V/TP]`` logits for the ``n`` selected positions, in the order o
 ``positions.nonzero()`` over ``[s, b]`` (sequence first, as megatron's activations).
 
 It works through a forward pre-hook on ``output_layer`` (no module is replaced, so parameter names
-and checkpoints are unchanged). Tensor parallelism is unaffected (the output layer stays
+and checkpoints are unchanged). With ``project=False`` the output layer returns the selected hidden
+states themselves, ``[1, n, h]`` from the chunk, for an op that projects them itself
+(ops/fused_logprobs.py: the logits are never materialised). Tensor parallelism is unaffected (the output layer stays
 vocab-parallel); under sequence parallelism the output layer's input is sharded over the sequence,
 so the hook gathers it first (compat/output_layer.py: its backward keeps this rank's slice, the
 output layer's own backward then all-reduces the input gradient over TP, as for any replicated input).
@@ -64,21 +66,43 @@ def install_output_selection(chunk) -> None:
     layer._sampo_positions = None
     layer._sampo_restore_sequence_parallel = False
     layer._sampo_kept = None
+    layer._sampo_project = True
     layer.register_forward_pre_hook(_select_hidden, with_kwargs=True)
     layer.register_forward_hook(_restore, with_kwargs=True)
+    layer.forward = _projecting_forward(layer, layer.forward)
 
 
-def select_output_positions(chunk, positions: torch.Tensor) -> bool:
+def _projecting_forward(layer, project):
+    """The output layer's forward, or (once, after ``select_output_positions(..., project=False)``)
+    its input unchanged, as the ``(output, bias)`` pair megatron-core's GPTModel unpacks
+    (compat/output_layer.py checks that it returns the first element as the chunk's output)."""
+
+    def forward(input_, *args, **kwargs):
+        if layer._sampo_project:
+            return project(input_, *args, **kwargs)
+        layer._sampo_project = True  # one forward only
+        return input_, None
+
+    return forward
+
+
+def select_output_positions(chunk, positions: torch.Tensor, project: bool = True) -> bool:
     """Compute the next forward's logits only at ``positions`` (bool ``[s, b]``).
+
+    Args:
+        project: False: the chunk's next output is the selected final hidden states ``[1, n, h]``
+            (whole over sequence parallelism), not their logits.
 
     Returns:
         True when the chunk has an output layer with the selection installed (its next output is
-        ``[1, n, V/TP]``), False otherwise (nothing changes; its output is hidden states or full logits).
+        ``[1, n, V/TP]``, or ``[1, n, h]``), False otherwise (nothing changes; its output is hidden
+        states or full logits).
     """
     layer = getattr(_unwrap(chunk), "output_layer", None)
     if layer is None or not hasattr(layer, "_sampo_positions"):
         return False
     layer._sampo_positions = positions
+    layer._sampo_project = project
     return True
 
 

@@ -62,6 +62,28 @@ def _local_target(target: torch.Tensor, vocab_start: int, vocab_local: int):
     return local.clamp(0, vocab_local - 1), owned
 
 
+def _reduce_chunk(chunk: torch.Tensor, rows: slice, local_target, owned, local_max, sum_exp_and_target) -> None:
+    """Fill ``rows`` of the per-position statistics from one chunk of fp32 logits: the local max,
+    the target's logit where this shard owns it, and the sum of ``exp(z - max)`` (``chunk`` is
+    overwritten)."""
+    chunk_max = chunk.max(dim=-1).values
+    local_max[rows] = chunk_max
+    picked = chunk.gather(1, local_target[rows, None]).squeeze(1)
+    sum_exp_and_target[1, rows] = torch.where(owned[rows], picked, 0.0)
+    sum_exp_and_target[0, rows] = chunk.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+
+
+def _global_logprobs(local_max, sum_exp_and_target, valid, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs, logsumexp)`` per position from every shard's statistics: two all-reduces.
+    A shard without real columns (all TP padding) has local max -inf and adds nothing."""
+    global_max = local_max.clone()
+    _all_reduce(global_max, dist.ReduceOp.MAX, tp_group)
+    sum_exp_and_target[0] *= torch.where(torch.isinf(local_max), 0.0, (local_max - global_max).exp())
+    _all_reduce(sum_exp_and_target, dist.ReduceOp.SUM, tp_group)
+    logsumexp = global_max + sum_exp_and_target[0].log()
+    return torch.where(valid, sum_exp_and_target[1] - logsumexp, 0.0), logsumexp
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, chunk_size, inplace_backward, vocab_size):
@@ -86,19 +108,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             end = min(start + step, rows)
             chunk = workspace[: end - start]
             chunk.copy_(flat[start:end, :n_real])
-            chunk_max = chunk.max(dim=-1).values
-            local_max[start:end] = chunk_max
-            picked = chunk.gather(1, local_target[start:end, None]).squeeze(1)
-            sum_exp_and_target[1, start:end] = torch.where(owned[start:end], picked, 0.0)
-            sum_exp_and_target[0, start:end] = chunk.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+            _reduce_chunk(chunk, slice(start, end), local_target, owned, local_max, sum_exp_and_target)
         del workspace
-
-        global_max = local_max.clone()
-        _all_reduce(global_max, dist.ReduceOp.MAX, tp_group)
-        sum_exp_and_target[0] *= (local_max - global_max).exp_()
-        _all_reduce(sum_exp_and_target, dist.ReduceOp.SUM, tp_group)
-        logsumexp = global_max + sum_exp_and_target[0].log()
-        logprobs = torch.where(valid, sum_exp_and_target[1] - logsumexp, 0.0)
+        logprobs, logsumexp = _global_logprobs(local_max, sum_exp_and_target, valid, tp_group)
 
         ctx.save_for_backward(logits, local_target, owned, valid, logsumexp)
         ctx.step = step

@@ -35,6 +35,7 @@ def layout_from_config(cfg, world_size: int) -> Layout:
         param_bytes=2 if (pr.bf16 or pr.fp16) else 4,
         ref_mode=cfg.reference.ref_mode,
         token_kl=cfg.loss.loss_type in TOKEN_KL_LOSSES,
+        fused_logprobs=tr.fused_logprobs,
         attention=attention_kind(cfg.model.transformer_impl, cfg.model.local_attention),
     )
 

@@ -147,11 +147,17 @@ def stage_activation_bytes(shape: ModelShape, layout: Layout, stage: int) -> tup
 
 def logits_bytes(shape: ModelShape, layout: Layout) -> int:
     """The last stage's ``[T, V/TP]`` logits, the log-prob op's fp32 chunk, and the final norm's and
-    output layer's inputs, for one micro-batch (its backward runs right after its forward)."""
+    output layer's inputs, for one micro-batch (its backward runs right after its forward).
+
+    With ``--fused-logprobs`` no logits exist: two fp32 chunks of logits (forward, then the
+    backward's recomputed one) and the backward's fp32 sum over chunks, of the smaller of the hidden
+    states' ``[T, h]`` and the output weight's ``[V/TP, h]`` gradients (ops/fused_logprobs.py)."""
     tokens = 2 * layout.micro_batch_size * layout.seq_length // layout.cp
     vocab_local = padded_vocab(shape, layout.tp) // layout.tp
     chunk_rows = max(1, min(_LOGPROB_CHUNK_BYTES // (4 * vocab_local), -(-tokens // 8)))
     hidden = 2 * tokens * shape.hidden_size * layout.param_bytes // (layout.tp if layout.sequence_parallel else 1)
+    if layout.fused_logprobs:
+        return 2 * chunk_rows * vocab_local * 4 + min(tokens, vocab_local) * shape.hidden_size * 4 + hidden
     return tokens * vocab_local * layout.param_bytes + chunk_rows * vocab_local * 4 + hidden
 
 

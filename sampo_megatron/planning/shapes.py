@@ -87,6 +87,9 @@ class Layout:
     token_kl: bool = False
     """TDPO (``--loss-type tdpo1/tdpo2``): the replica keeps its final hidden states at the response
     positions of the step's micro-batches, and the loss recomputes one micro-batch's reference logits."""
+    fused_logprobs: bool = False
+    """``--fused-logprobs``: the response log-probs come from the hidden states and the output weight
+    chunk by chunk (no ``[T, V/TP]`` logits, ops/fused_logprobs.py)."""
     attention: str = "flash"
     """flash (Transformer Engine, or the local spec's SDPA attention: no seq x seq tensor kept) or
     local (megatron-core's unfused DotProductAttention: the softmax output is kept)."""
@@ -112,6 +115,7 @@ class Layout:
         parts += [f"fp8-{self.fp8}"] if self.fp8 else []
         parts.append(f"ref-{self.ref_mode}")
         parts += ["token-kl"] if self.token_kl else []
+        parts += ["fused-logprobs"] if self.fused_logprobs else []
         return " ".join(parts)
 
 

@@ -117,8 +117,7 @@ class StepFeed:
         return len(pairs), sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
-def schedule_seq_length(micro_batches: list[MicroBatch], seq_length: int) -> int:
+def schedule_seq_length(micro_batches: list[MicroBatch], seq_length: int, packed: bool) -> int:
     """The sequence length megatron-core's schedule sends between pipeline stages: ``seq_length``,
-    or a packed micro-batch's row width."""
-    first = micro_batches[0]
-    return first["tokens"].shape[1] if "cu_seqlens" in first else seq_length
+    or (``packed``: the plan packs) the packed micro-batches' row width."""
+    return micro_batches[0]["tokens"].shape[1] if packed else seq_length

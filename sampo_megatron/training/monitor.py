@@ -69,7 +69,8 @@ class VerbosityMonitor:
         if par.cp_size > 1:
             raise ValueError("the verbosity monitor (--eval-interval) does not support --context-parallel-size > 1")
         self.cfg, self.tokenizer, self.vocab_size = cfg, tokenizer, vocab_size
-        self.policy, self.reference, self.ctx, self.par = policy, reference, ctx, par
+        # the held-out micro-batches are padded (collate_pairs), whether or not the run packs its own
+        self.policy, self.reference, self.ctx, self.par = policy, reference, dataclasses.replace(ctx, packed=False), par
         self.interval = ev.eval_interval
         self.output = ev.eval_output
         self.rewards_output = ev.eval_rewards_output

@@ -109,7 +109,7 @@ def forward_only_logps(chunks, micro_batches: list[MicroBatch], ctx: StepContext
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=chunks,
             num_microbatches=len(micro_batches),
-            seq_length=schedule_seq_length(micro_batches, seq_length),
+            seq_length=schedule_seq_length(micro_batches, seq_length, ctx.packed),
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=True,
             collect_non_loss_data=True,

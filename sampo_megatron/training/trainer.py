@@ -79,9 +79,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.tconfig, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.train_iters)
         self.reward_mean = RunningMean(group=par.dp_group)
-        self.ctx = StepContext(
-            cfg.loss, par.tp_group, self.vocab_size, self.reward_mean, par.cp_group, cfg.training.response_logits_only
-        )
+        tr = cfg.training
+        self.ctx = StepContext(cfg.loss, par.tp_group, self.vocab_size, self.reward_mean, par.cp_group, tr.response_logits_only,
+                               fused_logprobs=tr.fused_logprobs, fused_chunk_size=tr.fused_logprobs_chunk_size,
+                               packed=plan.pack_sequences)  # fmt: skip
         begin = start(cfg, self.chunks, self.optimizer, self.scheduler, self.reward_mean, select=self._select,
                       run_record=self._run_record(), vocab_size=self.vocab_size, dp_group=par.dp_cp_group, message=rank0_print)  # fmt: skip
         self.state, self.resumed_from = begin.state, begin.resumed_from
@@ -151,7 +152,7 @@ class Trainer:
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model,
             num_microbatches=len(micro_batches),
-            seq_length=schedule_seq_length(micro_batches, self.cfg.training.seq_length),
+            seq_length=schedule_seq_length(micro_batches, self.cfg.training.seq_length, self.plan.pack_sequences),
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=False,
         )

@@ -107,7 +107,7 @@ def one_step(trainer: Trainer, pairs: dict) -> tuple[dict[str, torch.Tensor], bo
         data_iterator=iterators if len(trainer.model) > 1 else iterators[0],
         model=trainer.model,
         num_microbatches=len(micro_batches),
-        seq_length=schedule_seq_length(micro_batches, trainer.cfg.training.seq_length),
+        seq_length=schedule_seq_length(micro_batches, trainer.cfg.training.seq_length, ctx.packed),
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=False,
     )
@@ -134,6 +134,7 @@ def main() -> None:
     ):
         # the same trainer serves both layouts: only how the step's pairs form micro-batches changes
         batches.pack_capacity = capacity if layout == "packed" else None
+        trainer.ctx.packed = layout == "packed"  # the step's context says which (as the plan would)
         trainer.ctx.loss = dataclasses.replace(trainer.cfg.loss, loss_type=loss_type, length_debias=debias, sampo_mask=mask_mode)
         pairs: dict = {}
         grads, packed = one_step(trainer, pairs)
