@@ -175,7 +175,7 @@ def pair_values(tmp_path, nproc: int, *flags: str) -> dict:
     """tests/workers/packed_pairs_worker.py: one step per objective, unpacked and packed; per-pair
     values and gradients."""
     out = tmp_path / "pairs.pt"
-    run_torchrun("packed_pairs_worker.py", nproc, "--out", str(out), *BASE, "--save", str(tmp_path / "run"), *flags)
+    run_torchrun("packed_pairs_worker.py", nproc, "--out", str(out), *BASE, "--save", str(tmp_path / "run"), "--metrics-file", "", *flags)
     return torch.load(out, weights_only=False)
 
 
