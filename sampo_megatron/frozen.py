@@ -40,7 +40,3 @@ def _freeze(value) -> None:
             _freeze(getattr(value, f.name))
         if isinstance(value, Freezable):
             value.__dict__["_frozen"] = True
-
-
-def is_frozen(value) -> bool:
-    return bool(getattr(value, "__dict__", {}).get("_frozen", False))
